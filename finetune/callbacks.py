@@ -1,0 +1,172 @@
+"""Callbacks: validation sample grids and a whole-run progress bar."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+)
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
+
+from finetune.config import ValidationConfig
+from finetune.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = {
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "ddim": DDIMScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+
+
+def sampler_from(noise_scheduler: Any, name: str | None) -> Any:
+    """An inference scheduler sharing the training schedule's betas and prediction type."""
+    if name is None:
+        return noise_scheduler
+    if name not in SAMPLERS:
+        raise ConfigError(
+            f"validation.scheduler: unknown sampler '{name}' — choose one of {', '.join(SAMPLERS)}"
+        )
+    return SAMPLERS[name].from_config(noise_scheduler.config)
+
+
+def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffusionPipeline:
+    """A pipeline that shares the module's live weights (no copies)."""
+    parts = module.components
+    pipe = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=parts.unet,
+        scheduler=sampler_from(parts.noise_scheduler, sampler),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate_grid(pipe: StableDiffusionPipeline, cfg: ValidationConfig, resolution: int) -> torch.Tensor:
+    """One row per prompt, `images_per_prompt` columns, fixed seeds → a [3, H, W] grid in [0, 1]."""
+    images = []
+    for prompt in cfg.prompts:
+        generators = [
+            torch.Generator(device="cpu").manual_seed(cfg.seed + i) for i in range(cfg.images_per_prompt)
+        ]
+        out = pipe(
+            [prompt] * cfg.images_per_prompt,
+            negative_prompt=[cfg.negative_prompt] * cfg.images_per_prompt if cfg.negative_prompt else None,
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+            output_type="pt",
+        )
+        images.append(out.images.float().cpu())
+    return make_grid(torch.cat(images), nrow=cfg.images_per_prompt, padding=2, pad_value=1.0)
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_steps` (and at the start and end), sample the validation prompts with the
+    current weights; save the grid under `<run_dir>/samples/` and send it to the loggers."""
+
+    def __init__(self, cfg: ValidationConfig, out_dir: Path, resolution: int) -> None:
+        self.cfg = cfg
+        self.out_dir = out_dir
+        self.resolution = resolution
+        self.last_step: int | None = None
+        self.saved: list[Path] = []
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._sample(trainer, module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        every = self.cfg.every_n_steps
+        if every > 0 and trainer.global_step % every == 0:
+            self._sample(trainer, module)
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._sample(trainer, module)
+
+    def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        step = trainer.global_step
+        if not trainer.is_global_zero or step == self.last_step or not self.cfg.prompts:
+            return
+        self.last_step = step
+        modes = {m: m.training for m in module.modules()}
+        module.eval()
+        try:
+            with trainer.precision_plugin.forward_context():
+                pipe = pipeline_from(module, self.cfg.scheduler)
+                grid = generate_grid(pipe, self.cfg, self.resolution)
+        finally:
+            for submodule, training in modes.items():
+                submodule.training = training
+        path = self._save(grid, step)
+        for logger in trainer.loggers:
+            log_image(logger, grid, step, caption=" | ".join(self.cfg.prompts))
+        log.info("samples at step %d: %s", step, path)
+
+    def _save(self, grid: torch.Tensor, step: int) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"step_{step:06d}.png"
+        partial = path.with_suffix(".png.partial")
+        to_pil_image(grid).save(partial, format="PNG")
+        os.replace(partial, path)
+        self.saved.append(path)
+        return path
+
+
+def log_image(logger: Any, grid: torch.Tensor, step: int, caption: str) -> None:
+    """Send one image to a logger that can show images (TensorBoard, W&B); others are skipped."""
+    if isinstance(logger, TensorBoardLogger):
+        logger.experiment.add_image("samples", grid, global_step=step)
+    elif isinstance(logger, WandbLogger):
+        logger.log_image(key="samples", images=[to_pil_image(grid)], caption=[caption], step=step)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """One bar for the whole run (optimizer steps out of `max_steps`), so its ETA is the run's ETA;
+    Lightning's default bar restarts every epoch, and epochs are tiny on small datasets."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_epoch_start(trainer)
+            return
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:
+            bar.reset(total=trainer.max_steps)
+            bar.initial = trainer.global_step
+            bar.n = trainer.global_step
+            bar.set_description("steps")
+
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_batch_end(trainer, module, *args)
+            return
+        bar = self.train_progress_bar
+        if bar.n != trainer.global_step:
+            bar.update(trainer.global_step - bar.n)
+            bar.set_postfix(self.get_metrics(trainer, module))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.max_steps <= 0:
+            super().on_train_epoch_end(trainer, module)

@@ -1,0 +1,159 @@
+"""Typed schemas for the config groups, registered with Hydra's ConfigStore.
+
+Each YAML file in `conf/` starts from one of these schemas, so a misspelt key or a wrong type fails
+when the config is composed — before any model is loaded — with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field, make_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    """What to load: `pretrained` is a hub id, a local diffusers folder or a single-file checkpoint."""
+
+    pretrained: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    # Only for single-file checkpoints: a diffusers folder or hub id holding the matching configs.
+    single_file_config: str | None = None
+    # Build the tiny random model at `pretrained` when that folder does not exist (model=tiny only).
+    build_tiny: bool = False
+    resolution: int = 512
+    # null: take it from the scheduler config (epsilon for SD 1.x, v_prediction for SD 2.x 768).
+    prediction_type: str | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoraMethodConfig:
+    """LoRA adapters through peft (`method=lora`)."""
+
+    name: str = "lora"
+    rank: int = 8
+    alpha: float | None = None  # null: alpha = rank (scale 1.0)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    init_weights: str = "gaussian"
+
+
+@dataclass
+class DataConfig:
+    """Captioned images: `source=folder` (data.path) or `source=hf` (data.name)."""
+
+    source: str = "folder"
+    path: str | None = None
+    name: str | None = None
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Column of metadata.jsonl / metadata.csv naming each image file (HF imagefolder convention).
+    file_column: str = "file_name"
+    resolution: int = 512
+    crop: str = "center"  # center | random
+    random_flip: bool = True
+    caption_dropout: float = 0.0
+    batch_size: int = 1
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class LossConfig:
+    prediction_type: str | None = None  # null: the scheduler's (overrides model.prediction_type)
+    snr_gamma: float | None = None  # min-SNR-gamma weighting; 5.0 is the paper's choice
+    noise_offset: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    scheduler: str = "constant"  # constant | cosine | linear (after warmup)
+    warmup_steps: int = 0
+
+
+@dataclass
+class ValidationConfig:
+    every_n_steps: int = 0  # 0: only at the end of training
+    prompts: list[str] = field(default_factory=lambda: ["a photo"])
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 25
+    seed: int = 0
+    images_per_prompt: int = 1
+    # Sampler for the validation images (the training noise schedule is unchanged).
+    scheduler: str | None = "euler"
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500
+    keep_last: int = -1  # -1: keep every checkpoint
+
+
+# Trainer arguments we construct ourselves rather than take from the config.
+_TRAINER_ARGS_OWNED_BY_US = {"self", "logger", "callbacks", "plugins"}
+
+
+def _trainer_schema() -> type:
+    """A dataclass with one field per `lightning.Trainer` argument, defaults as Lightning's."""
+    import lightning as L
+
+    fields = []
+    for name, parameter in inspect.signature(L.Trainer.__init__).parameters.items():
+        if name in _TRAINER_ARGS_OWNED_BY_US:
+            continue
+        default = parameter.default
+        if not isinstance(default, (str, int, float, bool, type(None))):
+            default = None
+        fields.append((name, Any, field(default=default)))
+    return make_dataclass("TrainerConfig", fields)
+
+
+def register_configs() -> None:
+    """Make the schemas available to `conf/` files as `<group>/schema`."""
+    store = ConfigStore.instance()
+    store.store(group="model", name="schema", node=ModelConfig)
+    store.store(group="method", name="lora_schema", node=LoraMethodConfig)
+    store.store(group="data", name="schema", node=DataConfig)
+    store.store(group="trainer", name="schema", node=_trainer_schema())
+    store.store(name="loss_schema", node=LossConfig, package="loss")
+    store.store(name="optim_schema", node=OptimConfig, package="optim")
+    store.store(name="validation_schema", node=ValidationConfig, package="validation")
+    store.store(name="checkpoint_schema", node=CheckpointConfig, package="checkpoint")
+
+
+# Keys whose value must be one of a few words; checked before anything heavy happens.
+CHOICES = {
+    "data.source": ("folder", "hf"),
+    "data.crop": ("center", "random"),
+    "optim.scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+    "loss.prediction_type": (None, "epsilon", "v_prediction"),
+    "model.prediction_type": (None, "epsilon", "v_prediction"),
+    "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),
+}
+
+
+def check_choices(cfg: Any) -> None:
+    """Fail with one line naming the key when an enumerated value is not allowed."""
+    from omegaconf import OmegaConf
+
+    from finetune.errors import ConfigError
+
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value not in allowed:
+            words = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}: '{value}' is not one of {words}")

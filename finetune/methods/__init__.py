@@ -1,0 +1,42 @@
+"""Training methods: which weights train and how they are exported.
+
+A method is a small object, not a training loop: the one `DiffusionModule` serves every method.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from finetune.errors import ConfigError
+from finetune.models import Components
+
+
+class Method(Protocol):
+    """What the trainer needs from a method."""
+
+    name: str
+
+    def prepare(self, components: Components) -> None:
+        """Freeze the base, attach whatever trains (adapters, a ControlNet …)."""
+
+    def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
+        """Modules whose `requires_grad` parameters train."""
+
+    def summary(self) -> dict[str, Any]:
+        """A few facts for logs and export metadata (rank, alpha …)."""
+
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
+        """Write files other tools load; returns name → path."""
+
+
+def build_method(cfg: Any) -> Method:
+    """The method named by `cfg.name`, built from its config node."""
+    from finetune.methods.lora import LoraMethod
+
+    methods = {"lora": LoraMethod}
+    if cfg.name not in methods:
+        raise ConfigError(f"method.name: unknown method '{cfg.name}' — choose one of {', '.join(methods)}")
+    return methods[cfg.name](cfg)

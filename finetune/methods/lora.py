@@ -1,0 +1,79 @@
+"""LoRA adapters on the U-Net (and optionally the text encoder), through peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+
+from finetune.config import LoraMethodConfig
+from finetune.models import Components
+
+
+def add_lora(
+    model: torch.nn.Module,
+    rank: int,
+    alpha: float | None,
+    target_modules: list[str],
+    dropout: float = 0.0,
+    init_weights: str | bool = "gaussian",
+) -> None:
+    """Freeze `model` and attach a trainable float32 LoRA adapter named "default"."""
+    model.requires_grad_(False)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha if alpha is not None else rank,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        init_lora_weights=init_weights,
+    )
+    model.add_adapter(config)
+    # peft creates the adapter in the base weights' dtype; train it in float32 (diffusers' advice).
+    cast_training_params(model, dtype=torch.float32)
+
+
+class LoraMethod:
+    """`method=lora`: LoRA on the U-Net, optionally on the text encoder too."""
+
+    name = "lora"
+
+    def __init__(self, cfg: LoraMethodConfig) -> None:
+        self.cfg = cfg
+
+    def prepare(self, components: Components) -> None:
+        cfg = self.cfg
+        add_lora(components.unet, cfg.rank, cfg.alpha, cfg.target_modules, cfg.dropout, cfg.init_weights)
+        if cfg.train_text_encoder:
+            add_lora(
+                components.text_encoder,
+                cfg.rank,
+                cfg.alpha,
+                cfg.text_encoder_target_modules,
+                cfg.dropout,
+                cfg.init_weights,
+            )
+            if components.unet.is_gradient_checkpointing:
+                components.text_encoder.gradient_checkpointing_enable()
+
+    def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
+        if self.cfg.train_text_encoder:
+            return [components.unet, components.text_encoder]
+        return [components.unet]
+
+    def summary(self) -> dict[str, Any]:
+        alpha = self.cfg.alpha if self.cfg.alpha is not None else self.cfg.rank
+        return {
+            "method": "lora",
+            "rank": self.cfg.rank,
+            "alpha": alpha,
+            "text_encoder": self.cfg.train_text_encoder,
+        }
+
+    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
+        from finetune.export import export_lora
+
+        text_encoder = components.text_encoder if self.cfg.train_text_encoder else None
+        return export_lora(out_dir, components.unet, text_encoder, metadata=metadata)

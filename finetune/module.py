@@ -1,0 +1,122 @@
+"""DiffusionModule: one LightningModule for every method — noise, denoise, loss, optimise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from diffusers.optimization import get_scheduler
+from lightning.pytorch.utilities import grad_norm
+
+from finetune.config import LossConfig, OptimConfig
+from finetune.losses import diffusion_loss, min_snr_weights, regression_target, sample_noise
+from finetune.methods import Method
+from finetune.models import Components
+
+
+class DiffusionModule(L.LightningModule):
+    """Trains what `method` made trainable on latent-diffusion denoising."""
+
+    # ThroughputMonitor reads this; left unset until FLOPs are measured (MFU needs them).
+    flops_per_batch: int | None = None
+
+    def __init__(self, components: Components, method: Method, loss: LossConfig, optim: OptimConfig) -> None:
+        super().__init__()
+        self.components = components
+        self.method = method
+        self.loss_cfg = loss
+        self.optim_cfg = optim
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.noise_scheduler = components.noise_scheduler
+        self.prediction_type = loss.prediction_type or self.noise_scheduler.config.prediction_type
+        # Checkpoints hold only what trains; the frozen base comes from `model.pretrained` again.
+        self.strict_loading = False
+        # diffusers loads models in eval mode; what trains needs train mode (LoRA dropout).
+        for trainable in method.trainable_modules(components):
+            trainable.train()
+
+    # ----- training -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] → scaled VAE latents."""
+        latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+    def denoising_loss(
+        self,
+        batch: dict[str, torch.Tensor],
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The training objective on one batch; fixed `noise`/`timesteps` make it comparable across runs."""
+        latents = self.encode_images(batch["pixel_values"])
+        if noise is None:
+            noise = sample_noise(latents, self.loss_cfg.noise_offset)
+        if timesteps is None:
+            steps = self.noise_scheduler.config.num_train_timesteps
+            timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+        timesteps = timesteps.long().to(latents.device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        text_embeddings = self.encode_text(batch["input_ids"])
+        prediction = self.unet(noisy_latents, timesteps, text_embeddings, return_dict=False)[0]
+
+        target = regression_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
+        weights = None
+        if self.loss_cfg.snr_gamma:
+            weights = min_snr_weights(self.noise_scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type)
+        return diffusion_loss(prediction, target, weights)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.denoising_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Norm before clipping: what the model produced, not what the clipper allowed through.
+        norms = grad_norm(self, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    # ----- optimisation ---------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        modules = self.method.trainable_modules(self.components)
+        return [p for module in modules for p in module.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        cfg = self.optim_cfg
+        optimizer = torch.optim.AdamW(
+            self.trainable_parameters(),
+            lr=cfg.lr,
+            betas=tuple(cfg.betas),
+            weight_decay=cfg.weight_decay,
+            eps=cfg.eps,
+        )
+        scheduler = get_scheduler(
+            cfg.scheduler,
+            optimizer,
+            num_warmup_steps=cfg.warmup_steps,
+            num_training_steps=self.trainer.estimated_stepping_batches,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----- checkpoints: trainable weights only ---------------------------------------------
+    def trainable_state_keys(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
+        if missing:
+            raise RuntimeError(
+                f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}) — "
+                "was it written with a different method or method settings?"
+            )

@@ -1,0 +1,91 @@
+"""A tiny Stable-Diffusion-architecture pipeline built in code.
+
+Same classes and folder layout as a real SD 1.x model (cross-attention U-Net, AutoencoderKL, CLIP
+text encoder and tokenizer, DDPM scheduler), small enough to train on a CPU in seconds. It is saved
+as a diffusers folder so that it is loaded through the same `from_pretrained` path as real models.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from finetune.clip_vocab import build_tokenizer
+
+TEXT_WIDTH = 32
+# Two VAE blocks downsample by 2 (SD's four blocks downsample by 8): 32 px images -> 16x16 latents.
+VAE_CHANNELS = (32, 64)
+
+
+def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionPipeline:
+    """Randomly initialised tiny SD pipeline (deterministic for a given seed)."""
+    torch.manual_seed(seed)
+    latent_size = resolution // 2 ** (len(VAE_CHANNELS) - 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=VAE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=resolution,
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_tokenizer(Path(scratch))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TEXT_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=tokenizer.model_max_length,
+            projection_dim=TEXT_WIDTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it as a diffusers folder (safetensors)."""
+    build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    return directory

@@ -1,0 +1,147 @@
+"""`finetune-train`: compose the config with Hydra, then fit with Lightning and export.
+
+    finetune-train model=sd15 model.pretrained=/models/sd15 data=folder data.path=~/my_style
+
+`train(cfg)` is the whole run and is what tests call.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config import check_choices, register_configs
+from finetune.errors import FinetuneError
+
+log = logging.getLogger("finetune")
+register_configs()
+
+
+@dataclass
+class RunResult:
+    """What a finished run produced."""
+
+    run_dir: Path
+    global_step: int
+    module: Any = None  # the trained DiffusionModule (weights live on it)
+    exported: dict[str, Path] = field(default_factory=dict)
+    samples: list[Path] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def train(cfg: DictConfig) -> RunResult:
+    """Fit the configured method on the configured data; export on rank 0."""
+    check_choices(cfg)
+    # Heavy imports after the config checks, so config mistakes are reported in a second or two.
+    import lightning as L
+
+    from finetune.data import CaptionedImageDataModule
+    from finetune.loggers import build_loggers, log_config
+    from finetune.methods import build_method
+    from finetune.models import load_components, weight_dtype_for
+    from finetune.module import DiffusionModule
+
+    run_dir = Path(cfg.run_dir)
+    datamodule = CaptionedImageDataModule(cfg.data)
+    num_images = datamodule.scan()  # data errors surface here, before any model loads
+
+    L.seed_everything(cfg.seed, workers=True)
+    components = load_components(cfg.model, weight_dtype_for(cfg.trainer.precision))
+    method = build_method(cfg.method)
+    method.prepare(components)
+    datamodule.tokenizer = components.tokenizer
+    module = DiffusionModule(components, method, cfg.loss, cfg.optim)
+
+    loggers = build_loggers(cfg.logger)
+    log_config(loggers, cfg)
+    samples = _sample_callback(cfg, run_dir)
+    trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
+    trainer = L.Trainer(
+        **trainer_args, logger=loggers or False, callbacks=_callbacks(cfg, run_dir) + [samples]
+    )
+    log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+
+    result = RunResult(run_dir, trainer.global_step, module, samples=samples.saved)
+    result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        summary = dict(method.summary(), prediction_type=module.prediction_type)
+        metadata = _export_metadata(cfg, summary, trainer.global_step, num_images)
+        result.exported = method.export(components, run_dir / "adapter", metadata)
+        log.info("exported %s", ", ".join(str(p) for p in result.exported.values()))
+    return result
+
+
+def _sample_callback(cfg: DictConfig, run_dir: Path):
+    from finetune.callbacks import SampleGrid
+
+    return SampleGrid(cfg.validation, run_dir / "samples", cfg.data.resolution)
+
+
+def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
+    """Checkpoints, LR / throughput monitors, the run progress bar, and user callbacks."""
+    from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+
+    from finetune.callbacks import StepProgressBar
+
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="step_{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=cfg.checkpoint.every_n_steps,
+            save_top_k=cfg.checkpoint.keep_last,
+            monitor="step",
+            mode="max",
+            save_last=True,
+        ),
+        StepProgressBar(),
+    ]
+    if cfg.logger:
+        callbacks += [
+            LearningRateMonitor(logging_interval="step"),
+            ThroughputMonitor(batch_size_fn=lambda batch: batch["pixel_values"].shape[0], separator="/"),
+        ]
+    callbacks += [instantiate(node) for node in (cfg.callbacks or {}).values()]
+    return callbacks
+
+
+def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int) -> dict[str, str]:
+    """Training facts for the exported files' safetensors headers (all strings)."""
+    return {
+        "base_model": str(cfg.model.pretrained),
+        "method": str(summary["method"]),
+        "rank": str(summary.get("rank", "")),
+        "alpha": str(summary.get("alpha", "")),
+        "steps": str(steps),
+        "resolution": str(cfg.data.resolution),
+        "num_train_images": str(num_images),
+        "batch_size": str(cfg.data.batch_size),
+        "learning_rate": str(cfg.optim.lr),
+        "prediction_type": str(summary["prediction_type"]),
+        "seed": str(cfg.seed),
+        "run_name": str(cfg.name),
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except FinetuneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

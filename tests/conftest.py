@@ -1,0 +1,53 @@
+"""Shared fixtures: the real Hydra config, shrunk for fast CPU tests, and a tiny model on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+STYLE_DATA = REPO / "data" / "style"
+
+
+def compose_config(overrides: list[str]):
+    """Compose `conf/train.yaml` exactly as `finetune-train` does, with overrides."""
+    from hydra import compose, initialize_config_dir
+
+    import finetune.train  # noqa: F401  (registers the config schemas)
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SD pipeline saved as a diffusers folder, built once per test session."""
+    from finetune.tiny import save_tiny_pipeline
+
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+def fast_overrides(tiny_model: Path, run_dir: Path, steps: int = 4) -> list[str]:
+    """A few CPU steps on the tiny model, short validation, CSV logs."""
+    return [
+        f"model.pretrained={tiny_model}",
+        f"run_dir={run_dir}",
+        f"data.path={STYLE_DATA}",
+        "data.batch_size=2",
+        f"trainer.max_steps={steps}",
+        "trainer.accelerator=cpu",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        "validation.every_n_steps=2",
+        "validation.num_inference_steps=2",
+        "validation.prompts=[a red circle]",
+        "checkpoint.every_n_steps=2",
+        "logger=csv",
+    ]

@@ -1,0 +1,118 @@
+"""Config mistakes fail fast, with one line naming the key, before any model loads."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, compose_config, fast_overrides
+from hydra.errors import ConfigCompositionException
+
+from finetune.errors import ConfigError, DataError
+from finetune.train import train
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.train", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_misspelt_key_on_command_line_names_the_key_and_loads_nothing(tmp_path: Path) -> None:
+    never_built = tmp_path / "model"
+    result = run_cli(f"model.pretrained={never_built}", "data.batchsize=4", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "data.batchsize" in result.stderr
+    assert not never_built.exists()  # the tiny model would have been built had loading started
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.batch_size=lots", "data.batch_size"),
+        ("method.rnak=4", "method.rnak"),
+        ("trainer.max_step=3", "max_step"),
+    ],
+)
+def test_bad_keys_and_types_fail_at_compose_time(override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config([override])
+    assert key in str(error.value) + str(error.value.__cause__)
+
+
+def test_every_lightning_trainer_argument_is_a_config_key() -> None:
+    import inspect
+
+    import lightning as L
+
+    cfg = compose_config(["trainer.deterministic=true", "trainer.gradient_clip_val=1.0"])
+    ours = {"self", "logger", "callbacks", "plugins"}
+    assert set(inspect.signature(L.Trainer.__init__).parameters) - ours == set(cfg.trainer)
+    assert cfg.trainer.deterministic is True and cfg.trainer.gradient_clip_val == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("data.crop=middle", "data.crop"),
+        ("optim.scheduler=steep", "optim.scheduler"),
+        ("data.source=s3", "data.source"),
+    ],
+)
+def test_bad_choices_are_one_line_config_errors(
+    tiny_model: Path, tmp_path: Path, override: str, key: str
+) -> None:
+    cfg = compose_config(
+        fast_overrides(tmp_path / "never", tmp_path / "run") + ["model.build_tiny=true", override]
+    )
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    message = str(error.value)
+    assert message.startswith(key) and "\n" not in message
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        (["data.path=/does/not/exist"], ["data.path", "/does/not/exist"]),
+        (["data=hf", "data.name=/no/such/dataset"], ["data.name"]),
+    ],
+)
+def test_data_errors_come_before_the_model_loads(
+    tmp_path: Path, overrides: list[str], words: list[str]
+) -> None:
+    cfg = compose_config(
+        fast_overrides(tmp_path / "never", tmp_path / "run") + ["model.build_tiny=true", *overrides]
+    )
+    with pytest.raises(DataError) as error:
+        train(cfg)
+    assert all(word in str(error.value) for word in words) and "\n" not in str(error.value)
+    assert not (tmp_path / "never").exists()
+
+
+def test_empty_dataset_and_missing_caption_column(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = compose_config(fast_overrides(tmp_path / "never", tmp_path / "run") + [f"data.path={empty}"])
+    with pytest.raises(DataError, match="no usable images"):
+        train(cfg)
+
+    from PIL import Image
+
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "red").save(folder / "a.png")
+    (folder / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "a red square"}\n')
+    cfg = compose_config(fast_overrides(tmp_path / "never", tmp_path / "run") + [f"data.path={folder}"])
+    with pytest.raises(DataError) as error:
+        train(cfg)
+    assert "text" in str(error.value) and "caption" in str(error.value)  # names missing and available
