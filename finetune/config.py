@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+
+# Absolute, so the console scripts find it whatever the working directory (Hydra would otherwise
+# look for a Python package named `conf`).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from finetune.config import register_configs
+from finetune.config import CONF_DIR, register_configs
 from finetune.errors import ConfigError, FinetuneError
 
 log = logging.getLogger("finetune")
@@ -94,7 +94,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     try:
         generate(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import check_choices, register_configs
+from finetune.config import CONF_DIR, check_choices, register_configs
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -48,6 +49,8 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.models import load_components, weight_dtype_for
     from finetune.module import DiffusionModule
 
+    # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     run_dir = Path(cfg.run_dir)
     datamodule = CaptionedImageDataModule(cfg.data)
     num_images = datamodule.scan()  # data errors surface here, before any model loads
@@ -109,7 +112,12 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     if cfg.logger:
         callbacks += [
             LearningRateMonitor(logging_interval="step"),
-            ThroughputMonitor(batch_size_fn=lambda batch: batch["pixel_values"].shape[0], separator="/"),
+            ThroughputMonitor(
+                batch_size_fn=lambda batch: batch["input_ids"].shape[0],
+                # samples/s over the last logging interval
+                window_size=max(2, cfg.trainer.log_every_n_steps or 50),
+                separator="/",
+            ),
         ]
     callbacks += [instantiate(node) for node in (cfg.callbacks or {}).values()]
     return callbacks
@@ -134,7 +142,7 @@ def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int
     }
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)

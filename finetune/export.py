@@ -1,0 +1,318 @@
+"""Export trained LoRA adapters: a diffusers file and a kohya-format file, both with metadata.
+
+`<run_dir>/adapter/` gets:
+  pytorch_lora_weights.safetensors  diffusers layout (`unet.…`, `text_encoder.…`), what
+                                    `StableDiffusionPipeline.save_lora_weights` writes and
+                                    `load_lora_weights(dir)` reads back, rank/alpha included.
+  lora_kohya.safetensors            kohya sd-scripts layout (`lora_unet_…`, `lora_te_…`), what
+                                    A1111 / ComfyUI load; also `load_lora_weights(dir, weight_name=…)`.
+Tensors keep the adapter's dtype (float32 in this project) unless `dtype` is given; kohya `.alpha`
+tensors are 0-dim float32. Every header value is a string.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
+from peft.tuners.lora import LoraLayer
+from peft.utils import get_peft_model_state_dict
+
+from finetune.errors import FinetuneError
+
+ADAPTER_NAME = "default"
+DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
+DEFAULT_KOHYA_NAME = "lora_kohya.safetensors"
+
+# Caller metadata keys (generic names) that kohya / A1111 tools know under another name.
+# fmt: off
+KOHYA_KEYS = {
+    "base_model": "ss_sd_model_name", "steps": "ss_steps", "epochs": "ss_epoch",
+    "num_train_images": "ss_num_train_images", "batch_size": "ss_total_batch_size",
+    "learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_scheduler", "optimizer": "ss_optimizer",
+    "mixed_precision": "ss_mixed_precision", "seed": "ss_seed", "noise_offset": "ss_noise_offset",
+    "snr_gamma": "ss_min_snr_gamma", "tag_frequency": "ss_tag_frequency",
+}
+# fmt: on
+# ...and the ones the SAI model spec (`modelspec.*`, read by ComfyUI and others) defines.
+MODELSPEC_KEYS = ("title", "description", "author", "license", "usage_hint", "trigger_phrase", "tags")
+_SGM = "https://github.com/Stability-AI/generative-models"  # modelspec implementation of SDXL LoRA
+
+
+class ExportExistsError(FinetuneError, FileExistsError):
+    """The export directory already holds files and `overwrite` was not asked for."""
+
+
+def export_lora(
+    out_dir: Path,
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    *,
+    metadata: dict[str, str],
+    kohya_name: str = DEFAULT_KOHYA_NAME,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+    adapter_name: str = ADAPTER_NAME,
+) -> dict[str, Path]:
+    """Write the diffusers and kohya files into `out_dir`; returns {"diffusers": path, "kohya": path}.
+
+    `metadata` (string values: base_model, steps, resolution, num_train_images, …) goes into both
+    headers verbatim; rank, alpha and target modules come from the peft config on the models.
+    """
+    out_dir = Path(out_dir)
+    _check_kohya_name(kohya_name)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ExportExistsError(f"export directory {out_dir} is not empty; choose a fresh one or overwrite")
+    # Build everything before touching the disk, so that a bad model or metadata leaves nothing behind.
+    common = _common_metadata(metadata, unet, text_encoder, adapter_name)
+    kohya_sd = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype)
+    kohya_header = _kohya_metadata(common, kohya_sd, unet, Path(kohya_name).stem)
+    unet_layers = _diffusers_layers(unet, adapter_name, dtype)
+    te_layers = _diffusers_layers(text_encoder, adapter_name, dtype) if text_encoder is not None else None
+    diffusers_header = {**common, "format": "pt"}
+    # diffusers reads rank/alpha/targets back from this key; without it alpha would silently become rank.
+    diffusers_header[LORA_ADAPTER_METADATA_KEY] = _lora_adapter_metadata(unet, text_encoder, adapter_name)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    diffusers_path = out_dir / DIFFUSERS_WEIGHT_NAME
+    # diffusers packs the key prefixes; our save_function writes atomically with our header.
+    StableDiffusionPipeline.save_lora_weights(
+        save_directory=out_dir,
+        unet_lora_layers=unet_layers,
+        text_encoder_lora_layers=te_layers,
+        weight_name=DIFFUSERS_WEIGHT_NAME,
+        save_function=lambda weights, filename: _atomic_save(weights, Path(filename), diffusers_header),
+    )
+    kohya_path = out_dir / kohya_name
+    _atomic_save(kohya_sd, kohya_path, kohya_header)
+    return {"diffusers": diffusers_path, "kohya": kohya_path}
+
+
+def kohya_state_dict(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None = None,
+    *,
+    adapter_name: str = ADAPTER_NAME,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """LoRA weights in kohya's layout: `lora_unet_<path with . → _>.lora_down.weight` / `.lora_up.weight`
+    / `.alpha`, and `lora_te_…` for the text encoder (classic `text_model.` CLIP paths)."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, model in (("lora_unet", unet), ("lora_te", text_encoder)):
+        if model is None:
+            continue
+        config = _peft_config(model, adapter_name)
+        if config.use_dora or config.lora_bias:
+            raise ValueError("kohya export supports plain LoRA only (no DoRA, no lora_bias)")
+        for path, layer in _lora_layers(model, adapter_name):
+            name = f"{prefix}_{_classic_path(model, path).replace('.', '_')}"
+            rank = layer.r[adapter_name]
+            # kohya scales by alpha / rank; rsLoRA scales by alpha / sqrt(rank): store the equivalent.
+            alpha = layer.lora_alpha[adapter_name] * (math.sqrt(rank) if config.use_rslora else 1.0)
+            # peft's lora_A / lora_B have exactly kohya's lora_down / lora_up shapes (conv too).
+            out[f"{name}.lora_down.weight"] = _prepare(layer.lora_A[adapter_name].weight, dtype)
+            out[f"{name}.lora_up.weight"] = _prepare(layer.lora_B[adapter_name].weight, dtype)
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    if not any(key.startswith("lora_unet_") for key in out):
+        raise ValueError(f"the U-Net has no LoRA adapter {adapter_name!r} to export")
+    return out
+
+
+def _lora_layers(model: torch.nn.Module, adapter_name: str) -> Iterator[tuple[str, LoraLayer]]:
+    for path, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.r:
+            continue
+        if adapter_name not in module.lora_A:  # e.g. an nn.Embedding adapter: no kohya equivalent
+            raise ValueError(f"cannot export LoRA on {path} ({type(module).__name__}) to kohya format")
+        yield path.removeprefix("base_model.model."), module  # a PeftModel wrapper adds this prefix
+
+
+def _classic_path(model: torch.nn.Module, path: str) -> str:
+    """Module path as in the classic CLIPTextModel layout (`text_model.encoder…`).
+
+    transformers 5 flattened CLIPTextModel (no `.text_model`), but kohya, A1111, ComfyUI and older
+    diffusers all name text-encoder LoRA keys from the classic layout.
+    """
+    flat_clip = not hasattr(model, "text_model") and all(hasattr(model, a) for a in ("encoder", "embeddings"))
+    if flat_clip and not path.startswith("text_projection"):
+        return f"text_model.{path}"
+    return path
+
+
+def _diffusers_layers(model: torch.nn.Module, adapter_name: str, dtype: torch.dtype | None) -> dict:
+    peft_sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    # Keys stay in peft form (`….lora_A.weight`), as diffusers' own `save_lora_adapter` writes them.
+    # Not `convert_state_dict_to_diffusers`: it renames only attention keys, and diffusers' U-Net
+    # loader looks at the first key alone to pick a format, so a mix silently drops the other half.
+    return {_classic_path(model, key): _prepare(value, dtype) for key, value in peft_sd.items()}
+
+
+def _prepare(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    tensor = tensor.detach().to("cpu")
+    return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+
+
+def _peft_config(model: torch.nn.Module, adapter_name: str):
+    configs = getattr(model, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise ValueError(f"{type(model).__name__} has no LoRA adapter {adapter_name!r} to export")
+    return configs[adapter_name]
+
+
+def _targets(config) -> str:
+    targets = config.target_modules
+    return targets if isinstance(targets, str) else ",".join(sorted(targets))
+
+
+def _common_metadata(
+    metadata: dict[str, str], unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name: str
+) -> dict[str, str]:
+    bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
+    if bad:
+        raise TypeError(f"safetensors metadata must be str -> str; not so for {bad}")
+    if LORA_ADAPTER_METADATA_KEY in metadata or "format" in metadata:
+        raise ValueError(f"metadata keys 'format' and {LORA_ADAPTER_METADATA_KEY!r} belong to the exporter")
+    config = _peft_config(unet, adapter_name)
+    computed = {"rank": str(config.r), "alpha": str(config.lora_alpha), "target_modules": _targets(config)}
+    if text_encoder is not None:
+        te_config = _peft_config(text_encoder, adapter_name)
+        computed["text_encoder_rank"] = str(te_config.r)
+        computed["text_encoder_alpha"] = str(te_config.lora_alpha)
+        computed["text_encoder_target_modules"] = _targets(te_config)
+    return _merge(dict(metadata), computed)
+
+
+def _merge(into: dict[str, str], computed: dict[str, str]) -> dict[str, str]:
+    """Add `computed` to the caller's keys; a caller value that contradicts the weights is an error."""
+    for key, value in computed.items():
+        given = into.get(key, value)
+        if given != value and not (_is_number(given) and _is_number(value) and float(given) == float(value)):
+            raise ValueError(f"metadata {key}={given!r} contradicts the adapter ({value!r})")
+        into[key] = value
+    return into
+
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"-?\d+(\.\d*)?", text) is not None
+
+
+def _lora_adapter_metadata(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name: str
+) -> str:
+    """The LoraConfig of each model, JSON-encoded under `unet.` / `text_encoder.` as diffusers reads it."""
+    packed = {}
+    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        for key, value in _peft_config(model, adapter_name).to_dict().items():
+            packed[f"{prefix}.{key}"] = sorted(value) if isinstance(value, set) else value
+    return json.dumps(packed, indent=2, sort_keys=True)
+
+
+def _base_model_version(unet: torch.nn.Module, prediction_type: str | None) -> tuple[str, str, str]:
+    """(ss_base_model_version, modelspec architecture, modelspec implementation) from the U-Net config."""
+    config = unet.config
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM
+    if config.get("cross_attention_dim") == 1024:
+        if prediction_type in ("v", "v_prediction"):
+            return "sd_v2_v", "stable-diffusion-v2-768-v", "diffusers"
+        return "sd_v2", "stable-diffusion-v2-512", "diffusers"
+    return "sd_v1", "stable-diffusion-v1", "diffusers"
+
+
+def _parse_resolution(text: str) -> tuple[int, int] | None:
+    """ "512" -> (512, 512); "768x512", "768,512" or "(768, 512)" -> (768, 512)."""
+    sizes = [int(n) for n in re.findall(r"\d+", text)]
+    return (sizes[0], sizes[-1]) if len(sizes) in (1, 2) else None
+
+
+def _kohya_metadata(
+    common: dict[str, str], state_dict: dict[str, torch.Tensor], unet: torch.nn.Module, default_title: str
+) -> dict[str, str]:
+    """The header kohya sd-scripts writes (`ss_*`, `sshs_*`) plus the SAI model spec (`modelspec.*`)."""
+    ranks = Counter(v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_down.weight"))
+    alphas = Counter(round(v.item(), 6) for k, v in state_dict.items() if k.endswith(".alpha"))
+    prediction = common.get("prediction_type")
+    version, architecture, implementation = _base_model_version(unet, prediction)
+    data_hash = _tensor_data_sha256(state_dict)
+    computed = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(ranks.most_common(1)[0][0]),
+        "ss_network_alpha": str(float(alphas.most_common(1)[0][0])),
+        "ss_base_model_version": version,
+        "ss_v2": str(version.startswith("sd_v2")),
+        "ss_training_finished_at": str(datetime.datetime.now().timestamp()),
+        # A1111 identifies LoRA files by this hash of the tensor bytes; precomputed saves it a file read.
+        "sshs_model_hash": data_hash,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{architecture}/lora",
+        "modelspec.implementation": implementation,
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.hash_sha256": f"0x{data_hash}",
+    }
+    for generic, kohya_key in KOHYA_KEYS.items():
+        if generic in common:
+            computed[kohya_key] = common[generic]
+    if "base_model" in common and os.path.exists(common["base_model"]):
+        # kohya keeps only the folder/file name of a local base model: the full path is the user's business.
+        computed["ss_sd_model_name"] = os.path.basename(os.path.normpath(common["base_model"]))
+    for key in MODELSPEC_KEYS:
+        if key in common:
+            computed[f"modelspec.{key}"] = common[key]
+    computed.setdefault("modelspec.title", default_title)
+    resolution = _parse_resolution(common.get("resolution", ""))
+    if resolution is not None:
+        computed["ss_resolution"] = str(resolution)  # kohya writes the (width, height) tuple
+        computed["modelspec.resolution"] = f"{resolution[0]}x{resolution[1]}"
+    if prediction is not None:
+        computed["modelspec.prediction_type"] = "v" if prediction in ("v", "v_prediction") else prediction
+    # Keys derived from the weights must agree with any caller value; the other kohya keys the caller
+    # may set itself (e.g. its own modelspec.title or ss_sd_model_name).
+    owned = ("ss_network_", "sshs_", "modelspec.hash_")
+    return _merge(dict(common), {k: v for k, v in computed.items() if k not in common or k.startswith(owned)})
+
+
+def _tensor_data_sha256(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the safetensors data section (all bytes after the header), as A1111 computes it.
+
+    The data section does not depend on the header, so hashing a header-less serialisation gives the
+    hash of the file we are about to write.
+    """
+    raw = safetensors.torch.save(state_dict)
+    header_size = int.from_bytes(raw[:8], "little")
+    return hashlib.sha256(raw[8 + header_size :]).hexdigest()
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """Write to a temp file in the same directory, then rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_kohya_name(name: str) -> None:
+    if Path(name).name != name or not name.endswith(".safetensors"):
+        raise ValueError(f"kohya_name must be a plain file name ending in .safetensors, not {name!r}")
+    # diffusers' folder loader prefers any file ending in its own name, which would make it ambiguous.
+    if name.endswith(DIFFUSERS_WEIGHT_NAME):
+        raise ValueError(f"kohya_name {name!r} clashes with the diffusers file {DIFFUSERS_WEIGHT_NAME}")

@@ -1,0 +1,61 @@
+"""DDP on two CPU processes (gloo), launched the way a user would: the CLI with trainer=ddp."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, STYLE_DATA
+from safetensors.torch import load_file
+
+
+@pytest.mark.slow
+def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
+    args = [
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=3",
+        "trainer.enable_model_summary=false",
+        "trainer.log_every_n_steps=1",
+        f"model.pretrained={tiny_model}",
+        f"data.path={STYLE_DATA}",
+        "data.batch_size=2",
+        "optim.lr=1e-2",
+        "validation.every_n_steps=0",
+        "validation.num_inference_steps=2",
+        "validation.prompts=[a red circle]",
+        "checkpoint.every_n_steps=3",
+        "logger=tensorboard",
+        f"hydra.run.dir={run_dir}",
+        f"+callbacks.dump._target_=helpers.TrainableWeightsDump",
+        f"+callbacks.dump.out_dir={dumps}",
+    ]
+    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and rank0
+    for name in rank0:
+        assert rank0[name].equal(rank1[name]), name  # same weights after every averaged step
+    assert any(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # and they did train
+
+    # Files are written once, by rank 0: one TensorBoard event file, one export, one checkpoint set.
+    assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_000003.ckpt"]
+    assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000000.png", "step_000003.png"]
