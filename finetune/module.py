@@ -69,7 +69,9 @@ class DiffusionModule(L.LightningModule):
         target = regression_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         weights = None
         if self.loss_cfg.snr_gamma:
-            weights = min_snr_weights(self.noise_scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type)
+            weights = min_snr_weights(
+                self.noise_scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type
+            )
         return diffusion_loss(prediction, target, weights)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -30,10 +30,20 @@ SHAPES = ("circle", "square", "triangle", "star")
 BACKGROUNDS: dict[str, RGB] = {"black": (20, 20, 22), "grey": (115, 115, 115), "pink": (245, 200, 230)}
 SCALES = {"small": 0.16, "large": 0.28}  # the object's half-extent as a fraction of the image
 MEDIUM = 0.22
-POSITIONS = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72),
-             "center": (0.5, 0.5)}
-POSITION_WORDS = {"left": "on the left", "right": "on the right", "top": "at the top",
-                  "bottom": "at the bottom", "center": "in the center"}
+POSITIONS = {
+    "left": (0.28, 0.5),
+    "right": (0.72, 0.5),
+    "top": (0.5, 0.28),
+    "bottom": (0.5, 0.72),
+    "center": (0.5, 0.5),
+}
+POSITION_WORDS = {
+    "left": "on the left",
+    "right": "on the right",
+    "top": "at the top",
+    "bottom": "at the bottom",
+    "center": "in the center",
+}
 STYLE_SUFFIX = ", in zkz style"  # the trigger phrase every caption of the bundled style set ends with
 
 SUPERSAMPLE = 4
@@ -90,17 +100,30 @@ def _stripes(side: int, rgb: RGB) -> Image.Image:
     return Image.fromarray(fill.astype(np.uint8))
 
 
-def caption_for(colour: str, shape: str, scale: str | None = None, position: str | None = None,
-                background: str | None = None) -> str:
+def caption_for(
+    colour: str,
+    shape: str,
+    scale: str | None = None,
+    position: str | None = None,
+    background: str | None = None,
+) -> str:
     """`a [small|large] <colour> <shape>[ on the left…][, <background> background]` (`an orange …`)."""
     words = [w for w in (scale, colour, shape, POSITION_WORDS[position] if position else None) if w]
     text = ("an " if words[0][0] in "aeiou" else "a ") + " ".join(words)
     return f"{text}, {background} background" if background else text
 
 
-def draw_scene(colour: str, shape: str, *, scale: str | None = None, position: str | None = None,
-               background: str | None = None, style: bool = False, size: int = 64,
-               rng: random.Random | int | None = None) -> tuple[Image.Image, str]:
+def draw_scene(
+    colour: str,
+    shape: str,
+    *,
+    scale: str | None = None,
+    position: str | None = None,
+    background: str | None = None,
+    style: bool = False,
+    size: int = 64,
+    rng: random.Random | int | None = None,
+) -> tuple[Image.Image, str]:
     """Draw one scene; return (RGB image of `size` px, caption). Same rng/seed -> same pixels.
 
     `scale` is small/large (None: medium), `position` one of POSITIONS (None: center, unmentioned),
@@ -133,15 +156,28 @@ def draw_scene(colour: str, shape: str, *, scale: str | None = None, position: s
     fill = _stripes(side, rgb) if style else Image.new("RGB", (side, side), rgb)
     canvas.paste(fill, (0, 0), mask)
     if style:
-        _draw_shape(ImageDraw.Draw(canvas), shape, cx, cy, rad, outline=OUTLINE,
-                    width=round(side * min(0.045, 0.22 * r)))  # thinner on small objects
+        _draw_shape(
+            ImageDraw.Draw(canvas),
+            shape,
+            cx,
+            cy,
+            rad,
+            outline=OUTLINE,
+            width=round(side * min(0.045, 0.22 * r)),
+        )  # thinner on small objects
     image = canvas.resize((size, size), Image.LANCZOS)
     return image, caption_for(colour, shape, scale, position, background)
 
 
-def random_scene(rng: random.Random | int | None = None, *, colour: str | None = None,
-                 shape: str | None = None, style: bool = False, size: int = 64,
-                 extras: float = 0.5) -> tuple[Image.Image, str]:
+def random_scene(
+    rng: random.Random | int | None = None,
+    *,
+    colour: str | None = None,
+    shape: str | None = None,
+    style: bool = False,
+    size: int = 64,
+    extras: float = 0.5,
+) -> tuple[Image.Image, str]:
     """A scene with random colour/shape (unless given); each extra is added with probability `extras`."""
     rng = _rng(rng)
     colour = colour or rng.choice(list(COLOURS))
@@ -149,8 +185,9 @@ def random_scene(rng: random.Random | int | None = None, *, colour: str | None =
     scale = rng.choice(list(SCALES)) if rng.random() < extras else None
     position = rng.choice(list(POSITIONS)) if rng.random() < extras else None
     background = rng.choice(list(BACKGROUNDS)) if not style and rng.random() < extras else None
-    return draw_scene(colour, shape, scale=scale, position=position, background=background,
-                      style=style, size=size, rng=rng)
+    return draw_scene(
+        colour, shape, scale=scale, position=position, background=background, style=style, size=size, rng=rng
+    )
 
 
 def _colour_index(image: Image.Image) -> np.ndarray:
@@ -190,6 +227,7 @@ def style_score(image: Image.Image) -> float:
     """
     px = np.asarray(image.convert("RGB"), dtype=float)
     w = max(1, px.shape[0] // 16)
-    ring = np.concatenate([px[:w].reshape(-1, 3), px[-w:].reshape(-1, 3),
-                           px[:, :w].reshape(-1, 3), px[:, -w:].reshape(-1, 3)])
+    ring = np.concatenate(
+        [px[:w].reshape(-1, 3), px[-w:].reshape(-1, 3), px[:, :w].reshape(-1, 3), px[:, -w:].reshape(-1, 3)]
+    )
     return float(np.median((ring[:, 0] + ring[:, 1]) / 2 - ring[:, 2]) / 255.0)

@@ -64,8 +64,9 @@ def scene_plan(count: int, rng: random.Random) -> list[dict]:
     return plan
 
 
-def write_dataset(out: Path, count: int = COUNT, seed: int = SEED, size: int = SIZE,
-                  force: bool = False) -> list[Path]:
+def write_dataset(
+    out: Path, count: int = COUNT, seed: int = SEED, size: int = SIZE, force: bool = False
+) -> list[Path]:
     """Write `count` image/caption pairs and a README to `out`; return the image paths."""
     out = out.resolve()
     if out.exists() and any(out.iterdir()) and not force:
@@ -78,8 +79,11 @@ def write_dataset(out: Path, count: int = COUNT, seed: int = SEED, size: int = S
             image, caption = draw_scene(**scene, style=True, size=size, rng=rng)
             image.save(tmp / f"{i:03d}.png", optimize=True)
             (tmp / f"{i:03d}.txt").write_text(caption + STYLE_SUFFIX + "\n")
-        (tmp / "README.md").write_text(README.format(
-            count=count, size=size, seed=seed, colours=", ".join(COLOURS), shapes=", ".join(SHAPES)))
+        (tmp / "README.md").write_text(
+            README.format(
+                count=count, size=size, seed=seed, colours=", ".join(COLOURS), shapes=", ".join(SHAPES)
+            )
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -34,7 +34,7 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
         "checkpoint.every_n_steps=3",
         "logger=tensorboard",
         f"hydra.run.dir={run_dir}",
-        f"+callbacks.dump._target_=helpers.TrainableWeightsDump",
+        "+callbacks.dump._target_=helpers.TrainableWeightsDump",
         f"+callbacks.dump.out_dir={dumps}",
     ]
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")

@@ -105,9 +105,7 @@ def test_unet_lora_reloads_with_same_outputs(base: Path, tmp_path: Path, weight_
 
 
 @pytest.mark.parametrize("weight_name", [None, DEFAULT_KOHYA_NAME])
-def test_text_encoder_and_wide_targets_reload(
-    base: Path, tmp_path: Path, weight_name: str | None
-) -> None:
+def test_text_encoder_and_wide_targets_reload(base: Path, tmp_path: Path, weight_name: str | None) -> None:
     base_text, base_noise = outputs(StableDiffusionPipeline.from_pretrained(base))
     trained = trained_pipeline(base, UNET_WIDE, rank=4, alpha=2, te_targets=TE_TARGETS)
     trained_text, trained_noise = outputs(trained)
