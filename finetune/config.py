@@ -85,7 +85,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
-    scheduler: str = "constant"  # constant | cosine | linear (after warmup)
+    scheduler: str = "constant"  # after `warmup_steps` of linear warmup: constant | cosine | linear …
     warmup_steps: int = 0
 
 
@@ -144,7 +144,7 @@ def register_configs() -> None:
 CHOICES = {
     "data.source": ("folder", "hf"),
     "data.crop": ("center", "random"),
-    "optim.scheduler": ("constant", "constant_with_warmup", "cosine", "linear"),
+    "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
     "loss.prediction_type": (None, "epsilon", "v_prediction"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),
     "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),

@@ -100,7 +100,8 @@ class DiffusionModule(L.LightningModule):
             eps=cfg.eps,
         )
         scheduler = get_scheduler(
-            cfg.scheduler,
+            # diffusers' "constant" ignores warmup; ours always honours `warmup_steps`.
+            "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
             optimizer,
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=self.trainer.estimated_stepping_batches,

@@ -1,0 +1,79 @@
+"""Training options reach the run: precision and dtypes, gradient checkpointing, LR schedules, models."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config, fast_overrides
+
+from finetune.train import train
+
+
+def logged_lrs(run_dir: Path) -> list[float]:
+    """The learning rate at each optimizer step (logged once per batch, so twice when accumulating)."""
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        by_step = {
+            int(row["step"]): float(row["lr-AdamW"]) for row in csv.DictReader(handle) if row.get("lr-AdamW")
+        }
+    return [by_step[step] for step in sorted(by_step)]
+
+
+@pytest.mark.slow
+def test_bf16_mixed_keeps_frozen_weights_in_bf16_and_trainables_in_fp32(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    overrides = fast_overrides(tiny_model, tmp_path, steps=2)
+    overrides += ["trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"]
+    result = train(compose_config(overrides))
+    module = result.module
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["train/loss"]))
+    assert module.unet.is_gradient_checkpointing
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    frozen = [p for p in module.unet.parameters() if not p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)
+    assert module.vae.dtype == torch.bfloat16 and module.text_encoder.dtype == torch.bfloat16
+    assert (tmp_path / "samples" / "step_000002.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "scheduler, expected",
+    [
+        # 2 warmup steps then the schedule, over 6 optimizer steps; lr = 1e-3.
+        ("constant", [0.0, 5e-4, 1e-3, 1e-3, 1e-3, 1e-3]),
+        ("linear", [0.0, 5e-4, 1e-3, 7.5e-4, 5e-4, 2.5e-4]),
+    ],
+)
+def test_warmup_then_schedule_with_gradient_accumulation(
+    tiny_model: Path, tmp_path: Path, scheduler: str, expected: list[float]
+) -> None:
+    overrides = fast_overrides(tiny_model, tmp_path, steps=6)
+    overrides += [
+        f"optim.scheduler={scheduler}",
+        "optim.warmup_steps=2",
+        "optim.lr=1e-3",
+        "trainer.accumulate_grad_batches=2",
+        "validation.every_n_steps=0",
+        "validation.prompts=[]",
+    ]
+    result = train(compose_config(overrides))
+    assert result.global_step == 6  # optimizer steps, each from 2 batches
+    assert logged_lrs(tmp_path) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("model, resolution", [("sd15", 512), ("sd21", 768), ("tiny", 32)])
+def test_model_configs_set_resolution_for_data_and_samples(model: str, resolution: int) -> None:
+    cfg = compose_config([f"model={model}", "run_dir=/unused"])
+    assert cfg.model.resolution == resolution and cfg.data.resolution == resolution
+    assert cfg.model.prediction_type is None  # taken from the model's scheduler config
+
+
+def test_sd15_recipe_composes_with_a_real_model_setup() -> None:
+    cfg = compose_config(["experiment=sd15_style_lora", "data.path=/my/style", "run_dir=/unused"])
+    assert cfg.model.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert cfg.data.resolution == 512 and cfg.data.path == "/my/style"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.method.rank == 16
+    assert set(cfg.logger) == {"tensorboard", "wandb"}
