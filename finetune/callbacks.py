@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torchvision.utils import make_grid
 
 from finetune.config import ValidationConfig
 from finetune.errors import ConfigError
+from finetune.files import save_png
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +128,7 @@ class SampleGrid(L.Callback):
     def _save(self, grid: torch.Tensor, step: int) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"step_{step:06d}.png"
-        partial = path.with_suffix(".png.partial")
-        to_pil_image(grid).save(partial, format="PNG")
-        os.replace(partial, path)
+        save_png(to_pil_image(grid), path)
         self.saved.append(path)
         return path
 

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from finetune.errors import FinetuneError
+from finetune.files import save_safetensors
 
 ADAPTER_NAME = "default"
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
@@ -93,10 +93,10 @@ def export_lora(
         unet_lora_layers=unet_layers,
         text_encoder_lora_layers=te_layers,
         weight_name=DIFFUSERS_WEIGHT_NAME,
-        save_function=lambda weights, filename: _atomic_save(weights, Path(filename), diffusers_header),
+        save_function=lambda weights, filename: save_safetensors(weights, Path(filename), diffusers_header),
     )
     kohya_path = out_dir / kohya_name
-    _atomic_save(kohya_sd, kohya_path, kohya_header)
+    save_safetensors(kohya_sd, kohya_path, kohya_header)
     return {"diffusers": diffusers_path, "kohya": kohya_path}
 
 
@@ -294,20 +294,6 @@ def _tensor_data_sha256(state_dict: dict[str, torch.Tensor]) -> str:
     raw = safetensors.torch.save(state_dict)
     header_size = int.from_bytes(raw[:8], "little")
     return hashlib.sha256(raw[8 + header_size :]).hexdigest()
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write to a temp file in the same directory, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _check_kohya_name(name: str) -> None:

@@ -6,7 +6,6 @@ finetune-generate model=sd15 adapter=outputs/<run>/adapter prompt="a castle, mys
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from omegaconf import DictConfig, ListConfig
 
 from finetune.config import CONF_DIR, register_configs
 from finetune.errors import ConfigError, FinetuneError
+from finetune.files import save_png
 
 log = logging.getLogger("finetune")
 register_configs()
@@ -86,9 +86,7 @@ def generate(cfg: DictConfig) -> list[Path]:
             path = out_dir / f"{p_index:02d}_{_slug(prompt)}_seed{cfg.seed + i}.png"
             if path.exists():
                 raise FinetuneError(f"{path} already exists — choose another out_dir")
-            partial = path.with_suffix(".png.partial")
-            image.save(partial, format="PNG")
-            os.replace(partial, path)
+            save_png(image, path)
             written.append(path)
     log.info("wrote %d images to %s", len(written), out_dir)
     return written

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import SingleFileComponentError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from finetune.config import ModelConfig
@@ -58,11 +60,61 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Stabl
     source = resolve_source(cfg)
     common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
     if source.endswith(SINGLE_FILE_SUFFIXES):
-        # Without `config`, diffusers guesses the architecture from the keys and fetches its configs.
-        return StableDiffusionPipeline.from_single_file(source, config=cfg.single_file_config, **common)
+        return _load_single_file(source, resolve_single_file_config(cfg), common)
     return StableDiffusionPipeline.from_pretrained(
         source, revision=cfg.revision, variant=cfg.variant, **common
     )
+
+
+def resolve_single_file_config(cfg: ModelConfig) -> str | None:
+    """`model.single_file_config` as diffusers' `config=` wants it: an existing folder, or a hub id."""
+    if not cfg.single_file_config:
+        return None
+    path = Path(cfg.single_file_config).expanduser()
+    if path.is_dir():
+        return str(path)
+    # diffusers would take a missing local path for a hub id and fail with a network error instead.
+    if path.exists() or path.is_absolute() or cfg.single_file_config.startswith((".", "~")):
+        raise ConfigError(
+            f"model.single_file_config: '{path}' is not a diffusers folder (one with model_index.json)"
+        )
+    return cfg.single_file_config
+
+
+def _load_single_file(source: str, config: str | None, common: dict) -> StableDiffusionPipeline:
+    """`from_single_file`, with its failures turned into one line that says what to set.
+
+    With `config` (a diffusers folder or hub id of the same architecture) diffusers reads only that
+    folder's configs and tokenizer and takes the weights from the file. Without it, diffusers guesses
+    a standard model from a few keys (SD 1.5 for anything it does not recognise) and fetches that
+    model's configs from the hub; HF_HUB_OFFLINE=1 is honoured by huggingface_hub either way.
+    """
+    try:
+        return StableDiffusionPipeline.from_single_file(source, config=config, **common)
+    except (OSError, ValueError, RuntimeError, KeyError, SingleFileComponentError) as error:
+        raise _single_file_error(source, config, error) from error
+
+
+def _single_file_error(source: str, config: str | None, error: Exception) -> ConfigError:
+    text = str(getattr(error, "message", None) or error).strip()
+    detail = text.splitlines()[0] if text else type(error).__name__
+    setting = "model.single_file_config=<diffusers folder or hub id of the same architecture>"
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled, HfHubHTTPError)):
+        key = "model.single_file_config" if config else "model.pretrained"
+        hint = f"the configs it needs are not available (offline?); set {setting}"
+    elif source in text:  # diffusers names the file when it cannot read it
+        key = "model.pretrained"
+        hint = (
+            "not a readable .safetensors file, or a .ckpt holding more than tensors (read only with "
+            "torch.load(weights_only=True)); re-save it as .safetensors"
+        )
+    elif isinstance(error, (SingleFileComponentError, NotImplementedError)):  # weights left on "meta"
+        key, hint = "model.pretrained", "the file lacks the weights of a whole part or some layers"
+    elif config:
+        key, hint = "model.single_file_config", f"'{config}' does not match the checkpoint's architecture"
+    else:
+        key, hint = "model.pretrained", f"diffusers could not work out its architecture; set {setting}"
+    return ConfigError(f"{key}: cannot load single-file checkpoint '{source}': {hint} ({detail})")
 
 
 def load_components(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Components:
