@@ -151,8 +151,8 @@ CHOICES = {
 }
 
 
-def check_choices(cfg: Any) -> None:
-    """Fail with one line naming the key when an enumerated value is not allowed."""
+def check_config(cfg: Any) -> None:
+    """Fail with one line naming the key when a value or a combination of values cannot work."""
     from omegaconf import OmegaConf
 
     from finetune.errors import ConfigError
@@ -162,3 +162,17 @@ def check_choices(cfg: Any) -> None:
         if value not in allowed:
             words = ", ".join(str(a) for a in allowed if a is not None)
             raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("16") and _runs_on_cpu(str(cfg.trainer.accelerator)):
+        raise ConfigError(
+            f"trainer.precision: '{precision}' needs a CUDA GPU (float16 kernels are missing on CPU) — "
+            "use bf16-mixed or 32-true on CPU"
+        )
+
+
+def _runs_on_cpu(accelerator: str) -> bool:
+    if accelerator == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return accelerator == "cpu"

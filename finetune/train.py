@@ -18,7 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import CONF_DIR, check_choices, register_configs
+from finetune.config import CONF_DIR, check_config, register_configs
 from finetune.errors import FinetuneError
 
 log = logging.getLogger("finetune")
@@ -39,7 +39,7 @@ class RunResult:
 
 def train(cfg: DictConfig) -> RunResult:
     """Fit the configured method on the configured data; export on rank 0."""
-    check_choices(cfg)
+    check_config(cfg)
     # Heavy imports after the config checks, so config mistakes are reported in a second or two.
     import lightning as L
 

@@ -65,6 +65,7 @@ def test_every_lightning_trainer_argument_is_a_config_key() -> None:
         ("data.crop=middle", "data.crop"),
         ("optim.scheduler=steep", "optim.scheduler"),
         ("data.source=s3", "data.source"),
+        ("trainer.precision=16-mixed", "trainer.precision"),
     ],
 )
 def test_bad_choices_are_one_line_config_errors(
