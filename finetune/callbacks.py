@@ -114,7 +114,7 @@ class SampleGrid(L.Callback):
         modes = {m: m.training for m in module.modules()}
         module.eval()
         try:
-            with trainer.precision_plugin.forward_context():
+            with trainer.precision_plugin.forward_context(), module.method.inference_weights():
                 pipe = pipeline_from(module, self.cfg.scheduler)
                 grid = generate_grid(pipe, self.cfg, self.resolution)
         finally:

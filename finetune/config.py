@@ -52,6 +52,18 @@ class LoraMethodConfig:
 
 
 @dataclass
+class FullMethodConfig:
+    """Full U-Net fine-tuning (`method=full`), with an exponential moving average of the weights."""
+
+    name: str = "full"
+    ema: bool = True
+    ema_decay: float = 0.9999  # the ceiling; with warmup the decay starts low and rises towards it
+    ema_warmup: bool = True
+    ema_power: float = 0.6666667  # warmup: decay = 1 - (1 + step) ** -power
+    save_single_file: bool = True  # also write model.safetensors in the original (A1111/ComfyUI) layout
+
+
+@dataclass
 class DataConfig:
     """Captioned images: `source=folder` (data.path) or `source=hf` (data.name)."""
 
@@ -132,6 +144,7 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(group="method", name="lora_schema", node=LoraMethodConfig)
+    store.store(group="method", name="full_schema", node=FullMethodConfig)
     store.store(group="data", name="schema", node=DataConfig)
     store.store(group="trainer", name="schema", node=_trainer_schema())
     store.store(name="loss_schema", node=LossConfig, package="loss")

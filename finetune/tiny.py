@@ -21,18 +21,24 @@ TEXT_WIDTH = 32
 VAE_CHANNELS = (32, 64)
 
 
-def build_tiny_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionPipeline:
-    """Randomly initialised tiny SD pipeline (deterministic for a given seed)."""
+def build_tiny_pipeline(
+    seed: int = 0, resolution: int = 32, unet_channels: tuple[int, ...] = (32, 64)
+) -> StableDiffusionPipeline:
+    """Randomly initialised tiny SD pipeline (deterministic for a given seed).
+
+    `unet_channels` sets the U-Net's levels; every level but the lowest has cross-attention, as in SD.
+    """
     torch.manual_seed(seed)
     latent_size = resolution // 2 ** (len(VAE_CHANNELS) - 1)
+    attention_levels = len(unet_channels) - 1
     unet = UNet2DConditionModel(
         sample_size=latent_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(unet_channels),
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * attention_levels + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * attention_levels,
         cross_attention_dim=TEXT_WIDTH,
         attention_head_dim=8,
         norm_num_groups=32,

@@ -68,7 +68,10 @@ def train(cfg: DictConfig) -> RunResult:
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
     trainer = L.Trainer(
-        **trainer_args, logger=loggers or False, callbacks=_callbacks(cfg, run_dir) + [samples]
+        **trainer_args,
+        logger=loggers or False,
+        # the method's callbacks (EMA) run before sampling, which then sees their result
+        callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples],
     )
     log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
@@ -78,7 +81,7 @@ def train(cfg: DictConfig) -> RunResult:
     if trainer.is_global_zero:
         summary = dict(method.summary(), prediction_type=module.prediction_type)
         metadata = _export_metadata(cfg, summary, trainer.global_step, num_images)
-        result.exported = method.export(components, run_dir / "adapter", metadata)
+        result.exported = method.export(components, run_dir, metadata)
         log.info("exported %s", ", ".join(str(p) for p in result.exported.values()))
     return result
 
@@ -127,15 +130,12 @@ def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int
     """Training facts for the exported files' safetensors headers (all strings)."""
     return {
         "base_model": str(cfg.model.pretrained),
-        "method": str(summary["method"]),
-        "rank": str(summary.get("rank", "")),
-        "alpha": str(summary.get("alpha", "")),
+        **{key: str(value) for key, value in summary.items()},  # method, rank, alpha, prediction_type …
         "steps": str(steps),
         "resolution": str(cfg.data.resolution),
         "num_train_images": str(num_images),
         "batch_size": str(cfg.data.batch_size),
         "learning_rate": str(cfg.optim.lr),
-        "prediction_type": str(summary["prediction_type"]),
         "seed": str(cfg.seed),
         "run_name": str(cfg.name),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

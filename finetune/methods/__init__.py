@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+import lightning as L
 import torch
 
 from finetune.errors import ConfigError
@@ -25,18 +26,25 @@ class Method(Protocol):
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         """Modules whose `requires_grad` parameters train."""
 
+    def callbacks(self) -> list[L.Callback]:
+        """Lightning callbacks the method needs (e.g. an EMA update)."""
+
+    def inference_weights(self) -> Any:
+        """A context manager under which the module holds the weights to sample and export with."""
+
     def summary(self) -> dict[str, Any]:
         """A few facts for logs and export metadata (rank, alpha …)."""
 
-    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
-        """Write files other tools load; returns name → path."""
+    def export(self, components: Components, run_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
+        """Write files other tools load under `run_dir`; returns name → path."""
 
 
 def build_method(cfg: Any) -> Method:
     """The method named by `cfg.name`, built from its config node."""
+    from finetune.methods.full import FullMethod
     from finetune.methods.lora import LoraMethod
 
-    methods = {"lora": LoraMethod}
+    methods = {"lora": LoraMethod, "full": FullMethod}
     if cfg.name not in methods:
         raise ConfigError(f"method.name: unknown method '{cfg.name}' — choose one of {', '.join(methods)}")
     return methods[cfg.name](cfg)

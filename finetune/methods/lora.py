@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,12 @@ class LoraMethod:
             return [components.unet, components.text_encoder]
         return [components.unet]
 
+    def callbacks(self) -> list:
+        return []
+
+    def inference_weights(self) -> Any:
+        return nullcontext()
+
     def summary(self) -> dict[str, Any]:
         alpha = self.cfg.alpha if self.cfg.alpha is not None else self.cfg.rank
         return {
@@ -72,8 +79,9 @@ class LoraMethod:
             "text_encoder": self.cfg.train_text_encoder,
         }
 
-    def export(self, components: Components, out_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
+    def export(self, components: Components, run_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
+        """`<run_dir>/adapter/`: the diffusers and the kohya file."""
         from finetune.export import export_lora
 
         text_encoder = components.text_encoder if self.cfg.train_text_encoder else None
-        return export_lora(out_dir, components.unet, text_encoder, metadata=metadata)
+        return export_lora(run_dir / "adapter", components.unet, text_encoder, metadata=metadata)
