@@ -21,6 +21,7 @@ import argparse
 import random
 import shutil
 import sys
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -37,7 +38,13 @@ from finetune.train import train
 
 RESOLUTION = 32
 UNET_CHANNELS = (32, 64, 64)
-PROMPTS = ["a red circle", "a blue square", "a yellow triangle", "a green star", "a purple circle on the left"]
+PROMPTS = [
+    "a red circle",
+    "a blue square",
+    "a yellow triangle",
+    "a green star",
+    "a small purple circle on the left",
+]
 
 
 class VaeTrainer(L.LightningModule):
@@ -92,7 +99,7 @@ def train_vae(stage: Path, shapes: Path, steps: int, seed: int) -> None:
 
     pipe.vae.eval()
     with torch.no_grad():
-        batches = [batch["pixel_values"] for batch, _ in zip(datamodule.train_dataloader(), range(8))]
+        batches = [batch["pixel_values"] for batch in islice(datamodule.train_dataloader(), 8)]
         latents = torch.cat([pipe.vae.encode(b).latent_dist.sample() for b in batches])
     pipe.vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
     print(f"VAE scaling factor: {pipe.vae.config.scaling_factor}")
