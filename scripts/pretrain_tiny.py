@@ -43,7 +43,7 @@ PROMPTS = [
     "a blue square",
     "a yellow triangle",
     "a green star",
-    "a small purple circle on the left",
+    "a purple circle on the left",
 ]
 
 
