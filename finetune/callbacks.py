@@ -94,9 +94,13 @@ class SampleGrid(L.Callback):
         self.resolution = resolution
         self.last_step: int | None = None
         self.saved: list[Path] = []
+        self.untrained: torch.Tensor | None = None  # the step-0 grid: the base model's pictures
+        self.latest: torch.Tensor | None = None
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._sample(trainer, module)
+        if trainer.global_step == 0:
+            self.untrained = self.latest
 
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         every = self.cfg.every_n_steps
@@ -105,6 +109,18 @@ class SampleGrid(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._sample(trainer, module)
+        if self.untrained is not None and trainer.global_step > 0 and trainer.is_global_zero:
+            self._before_after(trainer, self.untrained, self.latest)
+
+    def _before_after(self, trainer: L.Trainer, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Same prompts and seeds, before training (left) and after (right), in one picture."""
+        gap = torch.ones(before.shape[0], before.shape[1], 6)
+        grid = torch.cat([before, gap, after], dim=2)
+        path = self.out_dir / "before_after.png"
+        save_png(to_pil_image(grid), path)
+        self.saved.append(path)
+        for logger in trainer.loggers:
+            log_image(logger, grid, trainer.global_step, "before | after", tag="before_after")
 
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -124,6 +140,7 @@ class SampleGrid(L.Callback):
         for logger in trainer.loggers:
             log_image(logger, grid, step, caption=" | ".join(self.cfg.prompts))
         log.info("samples at step %d: %s", step, path)
+        self.latest = grid
 
     def _save(self, grid: torch.Tensor, step: int) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,12 +150,12 @@ class SampleGrid(L.Callback):
         return path
 
 
-def log_image(logger: Any, grid: torch.Tensor, step: int, caption: str) -> None:
+def log_image(logger: Any, grid: torch.Tensor, step: int, caption: str, tag: str = "samples") -> None:
     """Send one image to a logger that can show images (TensorBoard, W&B); others are skipped."""
     if isinstance(logger, TensorBoardLogger):
-        logger.experiment.add_image("samples", grid, global_step=step)
+        logger.experiment.add_image(tag, grid, global_step=step)
     elif isinstance(logger, WandbLogger):
-        logger.log_image(key="samples", images=[to_pil_image(grid)], caption=[caption], step=step)
+        logger.log_image(key=tag, images=[to_pil_image(grid)], caption=[caption], step=step)
 
 
 class StepProgressBar(TQDMProgressBar):

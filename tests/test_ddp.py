@@ -58,4 +58,8 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_000003.ckpt"]
     assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
-    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_000000.png", "step_000003.png"]
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+        "before_after.png",
+        "step_000000.png",
+        "step_000003.png",
+    ]

@@ -56,7 +56,7 @@ def test_tensorboard_and_wandb_get_scalars_images_and_masked_config(
 
     events = EventAccumulator(str(run.run_dir / "tensorboard")).Reload()
     assert {"train/loss", "train/grad_norm"} <= set(events.Tags()["scalars"])
-    assert "samples" in events.Tags()["images"]
+    assert {"samples", "before_after"} <= set(events.Tags()["images"])
     assert list((run.run_dir / "wandb").glob("offline-run-*"))
     for path in run.run_dir.rglob("*"):
         if path.is_file():

@@ -32,7 +32,7 @@ def test_embedded_run_writes_checkpoints_samples_and_both_exports(embedded_run) 
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert checkpoints == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"]
     samples = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
-    assert samples == ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert samples == ["before_after.png", "step_000000.png", "step_000002.png", "step_000004.png"]
     assert Image.open(run_dir / "samples" / "step_000004.png").size[1] >= 32
     exported = {p.name for p in (run_dir / "adapter").iterdir()}
     assert "pytorch_lora_weights.safetensors" in exported
@@ -66,6 +66,10 @@ def test_samples_change_as_the_lora_trains(embedded_run) -> None:
     after = np.asarray(Image.open(embedded_run.run_dir / "samples" / "step_000004.png"), dtype=float)
     # Fixed seeds: with unchanged weights the grids would be identical.
     assert before.shape == after.shape and not np.array_equal(before, after)
+    # ...and the before/after picture is those two grids side by side.
+    both = np.asarray(Image.open(embedded_run.run_dir / "samples" / "before_after.png"), dtype=float)
+    width = before.shape[1]
+    assert np.array_equal(both[:, :width], before) and np.array_equal(both[:, -width:], after)
 
 
 def unet_output(unet, text_encoder, generator_seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
