@@ -1,4 +1,4 @@
-# make train — the embedded default run (tiny model, bundled style set, CPU, a few minutes)
+# make train — the embedded default run (experiment=tiny_style: tiny model, bundled style set, CPU, ~1 min)
 # make test  — the test suite
 # Both create .venv on first use.
 PYTHON ?= python3
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 train: $(STAMP)
-	$(BIN)/finetune-train $(ARGS)
+	$(BIN)/finetune-train experiment=tiny_style $(ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

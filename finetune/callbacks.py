@@ -26,6 +26,10 @@ from finetune.files import save_png
 
 log = logging.getLogger(__name__)
 
+# Tiles smaller than this are enlarged (nearest neighbour, whole factors) in grids: a 32-px model's
+# samples would otherwise be specks in a dashboard. SD-size samples are left as they are.
+MIN_TILE_SIZE = 128
+
 SAMPLERS = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -81,7 +85,15 @@ def generate_grid(pipe: StableDiffusionPipeline, cfg: ValidationConfig, resoluti
             output_type="pt",
         )
         images.append(out.images.float().cpu())
-    return make_grid(torch.cat(images), nrow=cfg.images_per_prompt, padding=2, pad_value=1.0)
+    return make_grid(enlarge(torch.cat(images)), nrow=cfg.images_per_prompt, padding=2, pad_value=1.0)
+
+
+def enlarge(images: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] images scaled up by a whole factor, pixels kept sharp, to reach MIN_TILE_SIZE."""
+    factor = MIN_TILE_SIZE // max(images.shape[-2:])
+    if factor < 2:
+        return images
+    return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
 class SampleGrid(L.Callback):

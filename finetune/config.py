@@ -12,10 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 # Absolute, so the console scripts find it whatever the working directory (Hydra would otherwise
 # look for a Python package named `conf`).
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = PROJECT_DIR / "conf"
+
+
+def bundled_path(relative: str) -> str:
+    """`${bundled:data/tiny-sd}` in a config: a file shipped in the project's folder, from any cwd."""
+    return str(PROJECT_DIR / relative)
 
 
 @dataclass
@@ -141,6 +148,8 @@ def _trainer_schema() -> type:
 
 def register_configs() -> None:
     """Make the schemas available to `conf/` files as `<group>/schema`."""
+    if not OmegaConf.has_resolver("bundled"):
+        OmegaConf.register_new_resolver("bundled", bundled_path)
     store = ConfigStore.instance()
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(group="method", name="lora_schema", node=LoraMethodConfig)

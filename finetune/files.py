@@ -13,6 +13,12 @@ import torch
 from PIL import Image
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path in `path`'s folder; on success fsync it and rename it to `path`."""
@@ -20,6 +26,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp (and some writers, safetensors among them) make files owner-only: give it the
+        # mode any new file gets, so an export can be shared like the user's other files.
+        os.chmod(tmp, 0o666 & ~_umask())
         with open(tmp, "rb") as written:
             os.fsync(written.fileno())
         os.replace(tmp, path)

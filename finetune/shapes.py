@@ -74,7 +74,8 @@ def _shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[floa
     return [(cx + q * np.cos(a), cy + q * np.sin(a)) for q, a in zip(radii, rad, strict=True)]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, **kw) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, **kw) -> None:
+    """Draw `shape` of size `r` about (cx, cy); `kw` are ImageDraw's fill / outline / width."""
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), **kw)
     else:
@@ -151,12 +152,12 @@ def draw_scene(
         grey = rng.randint(228, 250)
         canvas = Image.new("RGB", (side, side), BACKGROUNDS[background] if background else (grey,) * 3)
     mask = Image.new("L", (side, side), 0)
-    _draw_shape(ImageDraw.Draw(mask), shape, cx, cy, rad, fill=255)
+    draw_shape(ImageDraw.Draw(mask), shape, cx, cy, rad, fill=255)
     rgb = COLOURS[colour]
     fill = _stripes(side, rgb) if style else Image.new("RGB", (side, side), rgb)
     canvas.paste(fill, (0, 0), mask)
     if style:
-        _draw_shape(
+        draw_shape(
             ImageDraw.Draw(canvas),
             shape,
             cx,

@@ -1,7 +1,7 @@
 """Measure a shape-scene model: prompt adherence of the base and, with a LoRA, adherence and style strength.
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/eval_tiny.py --model data/tiny-sd \
-        --adapter outputs/style_lora/<run>/adapter --out /tmp/eval [--json]
+        --adapter outputs/tiny_style/<run>/adapter --out /tmp/eval [--json]
 
 Sample i uses the prompt `a <colour> <shape>` of combination i mod 24 and seed `--seed + i`; with an
 adapter the same prompts get the trigger suffix and are sampled by the base and by the LoRA with the

@@ -33,7 +33,8 @@ def test_embedded_run_writes_checkpoints_samples_and_both_exports(embedded_run) 
     assert checkpoints == ["last.ckpt", "step_000002.ckpt", "step_000004.ckpt"]
     samples = sorted(p.name for p in (run_dir / "samples").glob("*.png"))
     assert samples == ["before_after.png", "step_000000.png", "step_000002.png", "step_000004.png"]
-    assert Image.open(run_dir / "samples" / "step_000004.png").size[1] >= 32
+    # One prompt x 2 images; the 32-px samples are shown as 128-px tiles, with make_grid's 2-px padding.
+    assert Image.open(run_dir / "samples" / "step_000004.png").size == (2 + 2 * (128 + 2), 128 + 4)
     exported = {p.name for p in (run_dir / "adapter").iterdir()}
     assert "pytorch_lora_weights.safetensors" in exported
     assert any(

@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
 from finetune.config import FullMethodConfig
+from finetune.export import ExportExistsError
 from finetune.models import Components
 
 
@@ -93,6 +94,10 @@ class FullMethod:
         from finetune.convert import save_single_file
 
         out_dir, partial = run_dir / "model", run_dir / ".model.partial"
+        if out_dir.exists():  # e.g. a finished run resumed into its own folder: never replace an export
+            raise ExportExistsError(
+                f"{out_dir} already exists; move it away to export again (the weights are in checkpoints/)"
+            )
         pipe = StableDiffusionPipeline(
             vae=components.vae,
             text_encoder=components.text_encoder,
