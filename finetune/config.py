@@ -71,21 +71,55 @@ class FullMethodConfig:
 
 
 @dataclass
-class DataConfig:
-    """Captioned images: `source=folder` (data.path) or `source=hf` (data.name)."""
+class SourceConfig:
+    """Where captioned images come from: `source=folder` (path) or `source=hf` (name)."""
 
     source: str = "folder"
     path: str | None = None
-    name: str | None = None
+    name: str | None = None  # hub id, save_to_disk folder, or .parquet / .arrow file(s)
     split: str = "train"
     image_column: str = "image"
     caption_column: str = "text"
     # Column of metadata.jsonl / metadata.csv naming each image file (HF imagefolder convention).
     file_column: str = "file_name"
+    caption_extensions: list[str] = field(default_factory=lambda: [".txt", ".caption"])
+    # How often this source's images are shown per epoch, relative to their count (may be fractional);
+    # it multiplies kohya folder repeats.
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Captioned images: one source (the fields above) or several mixed (`sources`)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    streaming: bool = False  # hf only: read the dataset as a stream (too big for disk)
     resolution: int = 512
     crop: str = "center"  # center | random
     random_flip: bool = True
+    # Aspect-ratio buckets: equal-area sizes around `resolution`, each batch from one bucket.
+    buckets: bool = False
+    bucket_step: int = 64  # side lengths are multiples of this
+    bucket_min_side: int | None = None  # null: resolution / 2
+    bucket_max_side: int | None = None  # null: resolution * 2
+    bucket_max_ratio: float = 4.0  # longest / shortest side
+    # Captions
+    missing_caption: str = "empty"  # skip | empty | default | error
+    default_caption: str = ""
+    caption_prefix: str = ""  # e.g. a trigger word: "zkz style, "
+    caption_suffix: str = ""
+    shuffle_tags: bool = False  # shuffle comma-separated tags every time an image is shown
+    keep_tokens: int = 0  # leading tags that stay in place when shuffling
+    tag_separator: str = ","
     caption_dropout: float = 0.0
+    # Bad input
+    max_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's own limit
+    upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
+    verify: bool = False  # decode every image while scanning (slower; catches truncated files up front)
+    # Caching of VAE latents and text-encoder outputs
+    cache: str = "none"  # none | memory | disk
+    cache_dir: str | None = None  # disk cache; null: ~/.cache/finetune/latents
+    # Loading
     batch_size: int = 1
     num_workers: int = 0
     shuffle: bool = True
@@ -166,6 +200,8 @@ def register_configs() -> None:
 CHOICES = {
     "data.source": ("folder", "hf"),
     "data.crop": ("center", "random"),
+    "data.missing_caption": ("skip", "empty", "default", "error"),
+    "data.cache": ("none", "memory", "disk"),
     "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
     "loss.prediction_type": (None, "epsilon", "v_prediction"),
     "model.prediction_type": (None, "epsilon", "v_prediction"),

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import logging
 import re
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, ListConfig
 
 from finetune.config import CONF_DIR, register_configs
-from finetune.errors import ConfigError, FinetuneError
+from finetune.errors import ConfigError, FinetuneError, run_command
 from finetune.files import save_png
 
 log = logging.getLogger("finetune")
@@ -94,11 +93,7 @@ def generate(cfg: DictConfig) -> list[Path]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
-    try:
-        generate(cfg)
-    except FinetuneError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(generate, cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -19,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config import CONF_DIR, check_config, register_configs
-from finetune.errors import FinetuneError
+from finetune.errors import run_command
 
 log = logging.getLogger("finetune")
 register_configs()
@@ -52,7 +51,7 @@ def train(cfg: DictConfig) -> RunResult:
     # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     run_dir = Path(cfg.run_dir)
-    datamodule = CaptionedImageDataModule(cfg.data)
+    datamodule = CaptionedImageDataModule(cfg.data, seed=cfg.seed)
     num_images = datamodule.scan()  # data errors surface here, before any model loads
 
     L.seed_everything(cfg.seed, workers=True)
@@ -64,9 +63,12 @@ def train(cfg: DictConfig) -> RunResult:
 
     loggers = build_loggers(cfg.logger)
     log_config(loggers, cfg)
+    _report_data(datamodule, run_dir, loggers)
     samples = _sample_callback(cfg, run_dir)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
+    # Our batch sampler gives each rank its share (and resumes mid-epoch); Lightning must not wrap it.
+    trainer_args["use_distributed_sampler"] = False
     trainer = L.Trainer(
         **trainer_args,
         logger=loggers or False,
@@ -84,6 +86,23 @@ def train(cfg: DictConfig) -> RunResult:
         result.exported = method.export(components, run_dir, metadata)
         log.info("exported %s", ", ".join(str(p) for p in result.exported.values()))
     return result
+
+
+def _report_data(datamodule: Any, run_dir: Path, loggers: list) -> None:
+    """Print the data report, write it to the run folder and give its counts to the loggers (rank 0)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from finetune.data.report import build_report, format_report, write_report
+
+    if rank_zero_only.rank != 0:
+        return
+    report = build_report(datamodule.scan_result, datamodule.sizes, datamodule.tokenizer)
+    log.info("data report:\n%s", format_report(report, max_files=20))
+    write_report(report, run_dir / "data_report.json")
+    counts = {f"data/{key}": report[key] for key in ("images", "skipped", "fixed", "uncaptioned")}
+    counts["data/buckets"] = len(report["buckets"])
+    for logger in loggers:
+        logger.log_hyperparams(counts)
 
 
 def _sample_callback(cfg: DictConfig, run_dir: Path):
@@ -109,6 +128,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
             monitor="step",
             mode="max",
             save_last=True,
+            # A resumed run writes into the same folder: last.ckpt is replaced, not joined by last-v1.ckpt.
+            enable_version_counter=False,
         ),
         StepProgressBar(),
     ]
@@ -144,11 +165,7 @@ def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except FinetuneError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command(train, cfg)
 
 
 if __name__ == "__main__":

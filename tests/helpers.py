@@ -18,3 +18,26 @@ class TrainableWeightsDump(L.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         weights = {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
         save_file(weights, self.out_dir / f"rank{trainer.global_rank}.safetensors")
+
+
+class SeenSamples(L.Callback):
+    """Appends the record indices of every trained batch to `<out_dir>/rank<r>.txt`, a line per batch."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / f"rank{trainer.global_rank}.txt", "a") as handle:
+            handle.write(" ".join(str(i) for i in batch["index"].tolist()) + "\n")
+
+
+class CrashAtStep(L.Callback):
+    """Raises when a batch starts at optimizer step `step`: a crash just after that step's checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        if trainer.global_step >= self.step:
+            raise RuntimeError(f"simulated crash at step {trainer.global_step}")

@@ -36,6 +36,8 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
         f"hydra.run.dir={run_dir}",
         "+callbacks.dump._target_=helpers.TrainableWeightsDump",
         f"+callbacks.dump.out_dir={dumps}",
+        "+callbacks.seen._target_=helpers.SeenSamples",
+        f"+callbacks.seen.out_dir={tmp_path / 'seen'}",
     ]
     env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     done = subprocess.run(
@@ -53,6 +55,10 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
     for name in rank0:
         assert rank0[name].equal(rank1[name]), name  # same weights after every averaged step
     assert any(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # and they did train
+
+    # Each rank trained on its own share: 3 steps x 2 images per rank, no image on both ranks.
+    seen = [(tmp_path / "seen" / f"rank{r}.txt").read_text().split() for r in range(2)]
+    assert len(seen[0]) == len(seen[1]) == 6 and not set(seen[0]) & set(seen[1])
 
     # Files are written once, by rank 0: one TensorBoard event file, one export, one checkpoint set.
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ def test_embedded_run_writes_checkpoints_samples_and_both_exports(embedded_run) 
     assert any(
         name != "pytorch_lora_weights.safetensors" and name.endswith(".safetensors") for name in exported
     )
+    report = json.loads((run_dir / "data_report.json").read_text())
+    assert report["images"] == 40 and report["skipped"] == 0 and report["buckets"] == {"32x32": 40}
 
 
 def test_checkpoint_holds_trainable_weights_and_optimizer_only(embedded_run) -> None:

@@ -1,18 +1,19 @@
-"""Captioned-image data: find records (sources), decode safely (images), batch them (datamodule)."""
+"""Captioned-image data: find records (sources), screen and decode them safely, batch them by bucket."""
 
-from finetune.data.datamodule import CaptionedImageDataModule, CaptionedImageDataset, build_transform
+from finetune.data.datamodule import CaptionedImageDataModule, CaptionedImageDataset
 from finetune.data.images import IMAGE_EXTENSIONS, ImageDecodeError, open_image, to_rgb
-from finetune.data.sources import ImageRecord, ScanResult, Skipped, find_records
+from finetune.data.records import Fixed, ImageRecord, ScanResult, Skipped
+from finetune.data.sources import find_records
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CaptionedImageDataModule",
     "CaptionedImageDataset",
+    "Fixed",
     "ImageDecodeError",
     "ImageRecord",
     "ScanResult",
     "Skipped",
-    "build_transform",
     "find_records",
     "open_image",
     "to_rgb",

@@ -1,4 +1,9 @@
-"""Captioned images as training batches: {"pixel_values": [B,3,R,R] in [-1,1], "input_ids": [B,L]}."""
+"""Captioned images as training batches.
+
+A batch: {"pixel_values": [B,3,H,W] in [-1,1], "input_ids": [B,L], "original_size": [B,2] (h, w),
+"crop_top_left": [B,2] (top, left), "index": [B] (the record's)}; every image of a batch has the
+same (bucket) size.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from finetune.config import DataConfig
+from finetune.data.buckets import buckets_for, fit_to, target_size
+from finetune.data.captions import CaptionStyle
 from finetune.data.images import ImageDecodeError
-from finetune.data.sources import ImageRecord, Skipped, find_records
+from finetune.data.records import ImageRecord, ScanResult
+from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader, SampleKey
+from finetune.data.sources import find_records
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -21,70 +30,71 @@ log = logging.getLogger(__name__)
 CROPS = ("center", "random")
 # How many records in a row may fail to decode before we stop pretending the dataset is usable.
 MAX_CONSECUTIVE_BAD = 50
-
-
-def build_transform(resolution: int, crop: str = "center", random_flip: bool = False) -> v2.Compose:
-    """PIL RGB image → float32 [3,R,R] in [-1,1]: shorter side to R, square crop, optional flip."""
-    steps: list[Any] = [
-        v2.Resize(resolution, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
-        v2.CenterCrop(resolution) if crop == "center" else v2.RandomCrop(resolution),
-    ]
-    if random_flip:
-        steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
-    return v2.Compose(steps)
+_TO_TENSOR = v2.Compose(
+    [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
+)
 
 
 class CaptionedImageDataset(Dataset):
-    """Decodes, transforms and tokenizes records on access.
+    """Decodes, fits (resize, crop, flip) and tokenizes records on access.
 
-    An image that fails to decode at training time is not fatal: it is logged once (per worker) and
-    the next record is served in its place, so one bad file cannot end a long run. Random crops,
-    flips and caption dropout draw from torch's RNG, which Lightning seeds per worker.
+    Indexed by `SampleKey` (record index, sample seed) from the batch sampler: the seed drives this
+    sample's crop, flip and caption changes, so they do not depend on which worker serves it. An
+    image that fails to decode is logged and replaced by the next one of the same size, so one bad
+    file cannot end a long run.
     """
 
     def __init__(
         self,
         records: Sequence[ImageRecord],
         tokenizer: Any,
-        resolution: int,
-        crop: str = "center",
+        sizes: Sequence[tuple[int, int]],
+        random_crop: bool = False,
         random_flip: bool = False,
-        caption_dropout: float = 0.0,
+        captions: CaptionStyle | None = None,
     ) -> None:
-        self.records = records
+        self.records, self.sizes = records, sizes
         self.tokenizer = tokenizer
-        self.transform = build_transform(resolution, crop, random_flip)
-        self.caption_dropout = caption_dropout
+        self.random_crop, self.random_flip = random_crop, random_flip
+        self.captions = captions or CaptionStyle()
         self._bad: set[int] = set()  # per process: workers each keep their own
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for attempt in range(min(len(self), MAX_CONSECUTIVE_BAD)):
+    def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
+        index, seed = key if isinstance(key, tuple) else (key, key)
+        generator = torch.Generator().manual_seed(seed)
+        record, image, index = self._load(index)
+        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        fitted = fit_to(image, self.sizes[index], self.random_crop, flip, generator)
+        return {
+            "pixel_values": _TO_TENSOR(fitted.image),
+            "input_ids": self.tokenize(self.captions.apply(record.caption or "", generator)),
+            "original_size": torch.tensor(fitted.original_size),
+            "crop_top_left": torch.tensor(fitted.crop_top_left),
+            "index": torch.tensor(index),
+        }
+
+    def _load(self, index: int) -> tuple[ImageRecord, Any, int]:
+        size, failures = self.sizes[index], 0
+        for attempt in range(len(self)):
             current = (index + attempt) % len(self)
-            if current in self._bad:
+            if current in self._bad or self.sizes[current] != size:
                 continue
             record = self.records[current]
             try:
-                image = record.load()
+                return record, record.load(), current
             except ImageDecodeError as error:
                 self._bad.add(current)
                 log.warning(
                     "skipped %s at training time, using the next image instead: %s", record.key, error
                 )
-                continue
-            return {"pixel_values": self.transform(image), "input_ids": self.tokenize(self._caption(record))}
+                if (failures := failures + 1) >= MAX_CONSECUTIVE_BAD:
+                    break
         raise DataError(
-            f"{MAX_CONSECUTIVE_BAD} images in a row could not be decoded (see warnings) — check the data"
+            f"no decodable image of size {size[0]} x {size[1]} left (see warnings) — check the data"
         )
-
-    def _caption(self, record: ImageRecord) -> str:
-        # Empty captions teach the unconditional branch used by classifier-free guidance.
-        if self.caption_dropout > 0 and torch.rand(()).item() < self.caption_dropout:
-            return ""
-        return record.caption
 
     def tokenize(self, caption: str) -> torch.Tensor:
         """int64 token ids padded/truncated to the tokenizer's model_max_length."""
@@ -101,55 +111,73 @@ class CaptionedImageDataset(Dataset):
 class CaptionedImageDataModule(L.LightningDataModule):
     """Training batches from `cfg.data`. Call `scan()` early: it reports data errors before models load."""
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any = None) -> None:
+    def __init__(self, cfg: DataConfig, tokenizer: Any = None, seed: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer  # set later when it comes with the model
-        self.records: Sequence[ImageRecord] | None = None
-        self.skipped: list[Skipped] = []
+        self.seed = seed
+        self.scan_result: ScanResult | None = None
+        self.sizes: list[tuple[int, int]] = []
         self.dataset: CaptionedImageDataset | None = None
 
     @property
-    def num_images(self) -> int:
-        """How many usable records the source holds (scans on first use)."""
-        if self.records is None:
+    def records(self) -> Sequence[ImageRecord]:
+        if self.scan_result is None:
             self.scan()
-        assert self.records is not None
+        assert self.scan_result is not None
+        return self.scan_result.records
+
+    @property
+    def num_images(self) -> int:
+        """How many usable records the sources hold (scans on first use)."""
         return len(self.records)
 
     def scan(self) -> int:
-        """Check the config, find the records (without decoding images) and return how many there are."""
+        """Check the config, find and screen the records, pick each one's size; return how many."""
         self._check_config()
-        result = find_records(self.cfg)
-        self.records, self.skipped = result.records, result.skipped
-        return len(result.records)
+        self.scan_result = find_records(self.cfg)
+        self.sizes = [target_size(self.cfg, *record.size) for record in self.scan_result.records]
+        return len(self.sizes)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.records is None:
+        if self.scan_result is None:
             self.scan()
         if self.tokenizer is None:
             raise DataError("the data module has no tokenizer — set datamodule.tokenizer before setup()")
-        assert self.records is not None
         self.dataset = CaptionedImageDataset(
             self.records,
             self.tokenizer,
-            resolution=self.cfg.resolution,
-            crop=self.cfg.crop,
+            self.sizes,
+            random_crop=self.cfg.crop == "random",
             random_flip=self.cfg.random_flip,
-            caption_dropout=self.cfg.caption_dropout,
+            captions=CaptionStyle.from_config(self.cfg),
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def batch_sampler(self) -> BucketBatchSampler:
+        """This rank's sampler; follows the trainer's epoch and progress when one is attached."""
+        trainer = self.trainer
+        size_ids = {size: number for number, size in enumerate(sorted(set(self.sizes)))}
+        return BucketBatchSampler(
+            [size_ids[size] for size in self.sizes],
+            [record.repeats for record in self.records],
+            self.cfg.batch_size,
+            seed=self.seed,
+            shuffle=self.cfg.shuffle,
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else None,
+            progress_fn=(lambda: (trainer.current_epoch, _batches_trained(trainer))) if trainer else None,
+        )
+
+    def train_dataloader(self) -> ResumableDataLoader:
         if self.dataset is None:
             self.setup("fit")
         workers = self.cfg.num_workers
-        # No sampler here: Lightning swaps in a DistributedSampler itself under DDP.
-        return DataLoader(
+        # Our sampler shards by rank itself (train.py turns Lightning's DistributedSampler off).
+        return ResumableDataLoader(
             self.dataset,
-            batch_size=self.cfg.batch_size,
-            shuffle=self.cfg.shuffle,
+            batch_sampler=self.batch_sampler(),
             num_workers=workers,
-            drop_last=False,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
@@ -160,8 +188,17 @@ class CaptionedImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.crop: '{cfg.crop}' is not one of {', '.join(CROPS)}")
         if not 0.0 <= cfg.caption_dropout <= 1.0:
             raise ConfigError(f"data.caption_dropout: {cfg.caption_dropout} is not between 0 and 1")
-        for key in ("resolution", "batch_size"):
+        for key in ("resolution", "batch_size", "bucket_step", "max_pixels"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"data.{key}: {getattr(cfg, key)} must be at least 1")
         if cfg.num_workers < 0:
             raise ConfigError(f"data.num_workers: {cfg.num_workers} must be 0 or more")
+        if cfg.keep_tokens < 0:
+            raise ConfigError(f"data.keep_tokens: {cfg.keep_tokens} must be 0 or more")
+        if cfg.buckets:
+            buckets_for(cfg)  # raises if the bucket settings leave no bucket
+
+
+def _batches_trained(trainer: L.Trainer) -> int:
+    """Batches of the current epoch whose training step has run (what a resume must not repeat)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.current.processed

@@ -6,16 +6,27 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.data.folder import resolve_inside
 from finetune.data.images import DatasetImage, FileImage
-from finetune.data.sources import ImageRecord, ScanResult, Skipped, config_value, resolve_inside
+from finetune.data.records import ImageRecord, ScanResult, Skipped
+from finetune.data.sources import config_value
 from finetune.errors import DataError
+
+# Single data files `datasets` can read directly, by suffix.
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
 class DatasetRows(Sequence[ImageRecord]):
     """Records over a dataset's image column, made on access so no image is decoded while scanning."""
 
-    def __init__(self, dataset: Any, column: str, captions: list[str], prefix: str) -> None:
-        self.dataset = dataset.select_columns([column])
+    def __init__(self, dataset: Any, column: str, captions: list[str | None], prefix: str) -> None:
+        import datasets
+
+        dataset = dataset.select_columns([column])
+        if isinstance(dataset.features[column], datasets.Image):
+            # Raw bytes/path, decoded by us: the same safe decoding and checks as image files.
+            dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset
         self.column = column
         self.captions = captions
         self.prefix = prefix
@@ -40,11 +51,7 @@ def find_in_hf(cfg: Any) -> ScanResult:
         if column not in dataset.column_names:
             available = ", ".join(dataset.column_names)
             raise DataError(f"data.{key}: '{column}' not in {where}; available columns: {available}")
-    result = _hf_records(dataset, cfg.image_column, cfg.caption_column, root, f"{name}[{split}]")
-    result.log(where)
-    if not result.records:
-        raise DataError(f"data.name: {where} has no usable rows — check data.name and data.split")
-    return result
+    return _hf_records(dataset, cfg.image_column, cfg.caption_column, root, f"{name}[{split}]")
 
 
 def load_hf_dataset(name: str, split: str) -> tuple[Any, Path | None]:
@@ -53,9 +60,16 @@ def load_hf_dataset(name: str, split: str) -> tuple[Any, Path | None]:
 
     local = Path(name).expanduser()
     saved = (local / "dataset_dict.json").is_file() or (local / "state.json").is_file()
+    builder = DATA_FILE_BUILDERS.get(local.suffix.lower()) if local.is_file() else None
     try:
-        # save_to_disk folders need load_from_disk; anything else (hub id, folder of data files) load_dataset.
-        loaded = datasets.load_from_disk(str(local)) if saved else datasets.load_dataset(name, split=split)
+        # save_to_disk folders need load_from_disk; one data file its builder; anything else (hub id,
+        # folder of data files) load_dataset, which infers the format.
+        if saved:
+            loaded = datasets.load_from_disk(str(local))
+        elif builder:
+            loaded = datasets.load_dataset(builder, data_files={split: str(local)}, split=split)
+        else:
+            loaded = datasets.load_dataset(name, split=split)
     except Exception as error:  # datasets raises many types (network, format, missing split): report them all
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DataError(f"data.name: cannot load '{name}' split '{split}': {message}") from error
@@ -74,20 +88,18 @@ def _hf_records(
     image_feature, caption_feature = dataset.features[image_column], dataset.features[caption_column]
     if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
         raise DataError(f"data.caption_column: '{caption_column}' holds {caption_feature}, expected text")
-    raw = list(dataset[caption_column])
-    captions = [(caption or "").strip() for caption in raw]
-    uncaptioned = sum(caption is None for caption in raw)
+    captions = [" ".join(c.split()) if c is not None else None for c in dataset[caption_column]]
     if isinstance(image_feature, datasets.Image) or (
         isinstance(image_feature, datasets.Value) and "binary" in image_feature.dtype
     ):
-        return ScanResult(DatasetRows(dataset, image_column, captions, prefix), uncaptioned=uncaptioned)
+        return ScanResult(list(DatasetRows(dataset, image_column, captions, prefix)))
     if not (isinstance(image_feature, datasets.Value) and "string" in image_feature.dtype):
         raise DataError(
             f"data.image_column: '{image_column}' holds {image_feature}, expected images or file paths"
         )
     # A column of file paths: relative ones resolve inside the dataset folder and may not leave it.
     # Absolute ones are accepted, as datasets' own Image feature accepts them.
-    result = ScanResult(records=[], uncaptioned=uncaptioned)
+    result = ScanResult(records=[])
     for index, (value, caption) in enumerate(zip(dataset[image_column], captions, strict=True)):
         key = f"{prefix}#{index}"
         if not value:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,23 @@ def open_image(path: str | Path) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image '{path}': {_one_line(error)}") from error
 
 
+def open_header(path: str | Path) -> Image.Image:
+    """Open the image file lazily: size, mode and EXIF are read, pixels are not (cheap, for screening)."""
+    try:
+        return Image.open(path)
+    except _DECODE_ERRORS as error:
+        raise ImageDecodeError(f"not a readable image: {_one_line(error)}") from error
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """sha256 of the file's bytes: the cache key part that notices any edit to the image."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def decode_value(value: Any, where: str) -> Image.Image:
     """Turn a dataset cell (PIL image, encoded bytes or {"bytes", "path"} dict) into an RGB image."""
     try:
@@ -70,6 +88,30 @@ def decode_value(value: Any, where: str) -> Image.Image:
     raise ImageDecodeError(f"cannot decode image {where}: holds {type(value).__name__}, not an image")
 
 
+def value_header(value: Any) -> Image.Image:
+    """`open_header` for a dataset cell."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+        return open_header(value["path"])
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, (bytes, bytearray)):
+        return open_header(io.BytesIO(value))
+    raise ImageDecodeError(f"holds {type(value).__name__}, not an image")
+
+
+def value_fingerprint(value: Any) -> str:
+    """sha256 of a dataset cell's encoded bytes (or of the pixels, for an already decoded image)."""
+    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+        return file_fingerprint(value["path"])
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if isinstance(value, Image.Image):
+        value = value.mode.encode() + str(value.size).encode() + value.tobytes()
+    return hashlib.sha256(value or b"").hexdigest()
+
+
 @dataclass(frozen=True)
 class FileImage:
     """A picklable loader for an image file (workers receive records by pickling)."""
@@ -78,6 +120,12 @@ class FileImage:
 
     def __call__(self) -> Image.Image:
         return open_image(self.path)
+
+    def header(self) -> Image.Image:
+        return open_header(self.path)
+
+    def fingerprint(self) -> str:
+        return file_fingerprint(self.path)
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,12 +137,20 @@ class DatasetImage:
     index: int
     key: str
 
-    def __call__(self) -> Image.Image:
+    def _value(self) -> Any:
         try:
-            value = self.dataset[self.index][self.column]
+            return self.dataset[self.index][self.column]
         except Exception as error:  # datasets decodes on access: any failure is this row's problem
             raise ImageDecodeError(f"cannot decode image {self.key}: {_one_line(error)}") from error
-        return decode_value(value, self.key)
+
+    def __call__(self) -> Image.Image:
+        return decode_value(self._value(), self.key)
+
+    def header(self) -> Image.Image:
+        return value_header(self._value())
+
+    def fingerprint(self) -> str:
+        return value_fingerprint(self._value())
 
 
 def _one_line(error: BaseException) -> str:

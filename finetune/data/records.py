@@ -1,0 +1,92 @@
+"""The one record type every data source produces, and what a scan found: records, skips and fixes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+# Skips and fixes logged one by one; the rest are summarised (all of them stay in the ScanResult).
+MAX_LOGGED = 20
+
+
+class ImageSource(Protocol):
+    """Where one image comes from: a file or a dataset row. Must pickle (workers receive records)."""
+
+    def __call__(self) -> Image.Image:
+        """The decoded image, upright RGB; raises ImageDecodeError."""
+
+    def header(self) -> Image.Image:
+        """The image opened lazily (size and mode only, no pixels decoded); raises ImageDecodeError."""
+
+    def fingerprint(self) -> str:
+        """A hash of the image's bytes: changes whenever its content does."""
+
+
+@dataclass(frozen=True, eq=False)
+class ImageRecord:
+    """One training example. `key` names it in reports and is unique within its source."""
+
+    key: str
+    caption: str | None  # None: the source gives no caption (data.missing_caption decides)
+    load: ImageSource
+    # How many times one epoch shows it: kohya folder repeats times the source's weight (may be
+    # fractional; the sampler draws the remainder).
+    repeats: float = 1.0
+    size: tuple[int, int] | None = None  # (width, height) once screened, after EXIF rotation
+
+    def with_(self, **changes: Any) -> ImageRecord:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Something about an input that was repaired rather than skipped (e.g. CMYK converted)."""
+
+    key: str
+    what: str
+
+
+@dataclass
+class ScanResult:
+    records: Sequence[ImageRecord]
+    skipped: list[Skipped] = field(default_factory=list)
+    fixed: list[Fixed] = field(default_factory=list)
+    uncaptioned: int = 0  # records that had no caption of their own
+    notes: list[str] = field(default_factory=list)
+
+    def log(self, where: str) -> None:
+        """Report skips, fixes and notes as log lines, so nothing is dropped silently."""
+        for note in self.notes:
+            log.warning(note)
+        for skip in self.skipped[:MAX_LOGGED]:
+            log.warning("skipped %s: %s", skip.key, skip.reason)
+        if len(self.skipped) > MAX_LOGGED:
+            log.warning(
+                "... and %d more skipped (all listed by finetune-data)", len(self.skipped) - MAX_LOGGED
+            )
+        for fix in self.fixed[:MAX_LOGGED]:
+            log.info("fixed %s: %s", fix.key, fix.what)
+        if len(self.fixed) > MAX_LOGGED:
+            log.info("... and %d more fixed", len(self.fixed) - MAX_LOGGED)
+        log.info("found %d images in %s (%d skipped)", len(self.records), where, len(self.skipped))
+
+    def extend(self, other: ScanResult) -> None:
+        """Add another source's findings to this one (records must be a list)."""
+        assert isinstance(self.records, list)
+        self.records.extend(other.records)
+        self.skipped += other.skipped
+        self.fixed += other.fixed
+        self.uncaptioned += other.uncaptioned
+        self.notes += other.notes

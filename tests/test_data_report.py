@@ -1,0 +1,76 @@
+"""The data report: counts, bucket histogram, caption lengths and every skipped file with its reason."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from finetune.data.cli import data_report
+
+
+def _folder(root):
+    root.mkdir()
+    for i, size in enumerate([(32, 32), (32, 32), (96, 32)]):
+        Image.new("RGB", size, (i * 60, 0, 0)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text("a red circle, " * (i + 1))
+    (root / "broken.png").write_bytes(b"")
+    Image.new("CMYK", (32, 32)).save(root / "print.jpg")
+    return root
+
+
+def test_report_counts_buckets_captions_and_lists_skips(tmp_path, tiny_model, capsys):
+    root = _folder(tmp_path / "data")
+    overrides = [
+        f"data.path={root}",
+        f"model.pretrained={tiny_model}",
+        "data.resolution=32",
+        "data.buckets=true",
+        "data.bucket_step=8",
+        f"report={tmp_path / 'report.json'}",
+    ]
+    import finetune.data.cli  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="data_tool", overrides=overrides)
+    report = data_report(cfg)
+    assert report["images"] == 4 and report["skipped"] == 1 and report["fixed"] == 1
+    assert report["uncaptioned"] == 1  # print.jpg has no caption file
+    assert report["buckets"] == {"32x32": 3, "48x16": 1}
+    assert report["caption_words"] == {"min": 0, "mean": 4.5, "max": 9}
+    assert report["caption_tokens"]["max"] > report["caption_words"]["max"]
+    assert report["skipped_files"] == [{"file": "broken.png", "reason": report["skipped_files"][0]["reason"]}]
+    assert "not a readable image" in report["skipped_files"][0]["reason"]
+    assert report["fixed_files"] == [{"file": "print.jpg", "fix": "CMYK converted to RGB"}]
+    printed = capsys.readouterr().out
+    assert "broken.png: not a readable image" in printed and "48x16" in printed
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+
+
+def test_finetune_data_command_prints_the_report_and_makes_no_run_folder(tmp_path):
+    root = _folder(tmp_path / "data")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.data.cli",
+            f"data.path={root}",
+            "model=tiny_random",
+            f"model.pretrained={tmp_path / 'model'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "images: 4 usable, 1 skipped, 1 fixed" in done.stdout
+    assert "broken.png" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]  # no outputs/, no .hydra/
