@@ -1,8 +1,10 @@
-"""Callbacks: validation sample grids and a whole-run progress bar."""
+"""Callbacks: the data cache pre-pass, validation sample grids and a whole-run progress bar."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +98,37 @@ def enlarge(images: torch.Tensor) -> torch.Tensor:
     return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
 
 
+class DataCachePass(L.Callback):
+    """Before training (models on their device, ranks started): fill the data cache.
+
+    When both latents and text features come from the cache, the VAE and text encoder move off
+    the accelerator: training no longer needs them, and sampling borrows them back (`on_device`).
+    """
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not hasattr(datamodule, "prepare_cache"):
+            return
+        cache = datamodule.prepare_cache(module.vae, module.text_encoder, trainer.strategy)
+        if cache is not None and cache.text_keys is not None and module.device.type != "cpu":
+            module.vae.to("cpu")
+            module.text_encoder.to("cpu")
+            log.info("data.cache: everything is cached; the VAE and text encoder wait on the CPU")
+
+
+@contextmanager
+def on_device(device: torch.device, *models: torch.nn.Module) -> Iterator[None]:
+    """Move `models` to `device` for the block, and back where each was afterwards."""
+    homes = [next(model.parameters()).device for model in models]
+    for model in models:
+        model.to(device)
+    try:
+        yield
+    finally:
+        for model, home in zip(models, homes, strict=True):
+            model.to(home)
+
+
 class SampleGrid(L.Callback):
     """Every `every_n_steps` (and at the start and end), sample the validation prompts with the
     current weights; save the grid under `<run_dir>/samples/` and send it to the loggers."""
@@ -142,7 +175,11 @@ class SampleGrid(L.Callback):
         modes = {m: m.training for m in module.modules()}
         module.eval()
         try:
-            with trainer.precision_plugin.forward_context(), module.method.inference_weights():
+            with (
+                on_device(module.device, module.vae, module.text_encoder),
+                trainer.precision_plugin.forward_context(),
+                module.method.inference_weights(),
+            ):
                 pipe = pipeline_from(module, self.cfg.scheduler)
                 grid = generate_grid(pipe, self.cfg, self.resolution)
         finally:

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from lightning.pytorch.utilities import grad_norm
 
@@ -48,6 +49,19 @@ class DiffusionModule(L.LightningModule):
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids, return_dict=False)[0]
 
+    def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scaled latents: sampled from cached VAE distribution parameters, or encoded from pixels."""
+        if "latent_dist" in batch:
+            latents = DiagonalGaussianDistribution(batch["latent_dist"]).sample()
+            return latents * self.vae.config.scaling_factor
+        return self.encode_images(batch["pixel_values"])
+
+    def batch_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Text-encoder features: cached ones, or computed from token ids."""
+        if "text_embeds" in batch:
+            return batch["text_embeds"]
+        return self.encode_text(batch["input_ids"])
+
     def denoising_loss(
         self,
         batch: dict[str, torch.Tensor],
@@ -55,7 +69,7 @@ class DiffusionModule(L.LightningModule):
         timesteps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training objective on one batch; fixed `noise`/`timesteps` make it comparable across runs."""
-        latents = self.encode_images(batch["pixel_values"])
+        latents = self.batch_latents(batch)
         if noise is None:
             noise = sample_noise(latents, self.loss_cfg.noise_offset)
         if timesteps is None:
@@ -63,7 +77,7 @@ class DiffusionModule(L.LightningModule):
             timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
         timesteps = timesteps.long().to(latents.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        text_embeddings = self.encode_text(batch["input_ids"])
+        text_embeddings = self.batch_text(batch)
         prediction = self.unet(noisy_latents, timesteps, text_embeddings, return_dict=False)[0]
 
         target = regression_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
@@ -76,7 +90,7 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -116,9 +116,10 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 
-    from finetune.callbacks import StepProgressBar
+    from finetune.callbacks import DataCachePass, StepProgressBar
 
     callbacks = [
+        DataCachePass(),
         ModelCheckpoint(
             dirpath=run_dir / "checkpoints",
             filename="step_{step:06d}",
@@ -137,7 +138,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
         callbacks += [
             LearningRateMonitor(logging_interval="step"),
             ThroughputMonitor(
-                batch_size_fn=lambda batch: batch["input_ids"].shape[0],
+                batch_size_fn=lambda batch: batch["index"].shape[0],
                 # samples/s over the last logging interval
                 window_size=max(2, cfg.trainer.log_every_n_steps or 50),
                 separator="/",

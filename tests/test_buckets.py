@@ -12,7 +12,7 @@ from PIL import Image
 from finetune.clip_vocab import build_tokenizer
 from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataModule
-from finetune.data.buckets import bucket_sizes, fit_to, nearest_bucket
+from finetune.data.buckets import bucket_sizes, choose_crop, fit_to, nearest_bucket
 from finetune.data.sampler import BucketBatchSampler
 from finetune.errors import ConfigError
 
@@ -35,7 +35,7 @@ def test_a_wide_image_lands_in_a_wide_bucket_unsquashed_with_its_crop_recorded()
     image = Image.new("RGB", (96, 32))
     for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):
         image.paste(colour, (32 * i, 0, 32 * (i + 1), 32))
-    fitted = fit_to(image, (48, 16), random_crop=False, flip=False)
+    fitted = fit_to(image, (48, 16), choose_crop(96, 32, (48, 16), random_crop=False), flip=False)
     pixels = np.asarray(fitted.image)
     assert pixels.shape == (16, 48, 3)
     # Each colour still spans 16 of the 48 columns: scaled by 1/2 evenly, not squashed into a square.
@@ -48,7 +48,8 @@ def test_crop_offsets_are_where_the_crop_was_taken():
     image = Image.new("RGB", (100, 32))
     image.paste((255, 255, 255), (60, 0, 100, 32))  # right part white
     generator = torch.Generator().manual_seed(3)
-    fitted = fit_to(image, (32, 32), random_crop=True, flip=False, generator=generator)
+    top_left = choose_crop(100, 32, (32, 32), random_crop=True, generator=generator)
+    fitted = fit_to(image, (32, 32), top_left, flip=False)
     top, left = fitted.crop_top_left
     assert top == 0 and 0 <= left <= 68
     white_columns = int((np.asarray(fitted.image)[0, :, 0] > 128).sum())

@@ -24,20 +24,17 @@ def _folder(root):
     return root
 
 
+def data_tool_config(root, model, *overrides: str):
+    """`conf/data_tool.yaml` composed as `finetune-data` does, on `root` with the tiny `model`."""
+    base = [f"data.path={root}", f"model.pretrained={model}", "data.resolution=32"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="data_tool", overrides=base + list(overrides))
+
+
 def test_report_counts_buckets_captions_and_lists_skips(tmp_path, tiny_model, capsys):
     root = _folder(tmp_path / "data")
-    overrides = [
-        f"data.path={root}",
-        f"model.pretrained={tiny_model}",
-        "data.resolution=32",
-        "data.buckets=true",
-        "data.bucket_step=8",
-        f"report={tmp_path / 'report.json'}",
-    ]
-    import finetune.data.cli  # noqa: F401  (registers the schemas)
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="data_tool", overrides=overrides)
+    report_file = f"report={tmp_path / 'report.json'}"
+    cfg = data_tool_config(root, tiny_model, "data.buckets=true", "data.bucket_step=8", report_file)
     report = data_report(cfg)
     assert report["images"] == 4 and report["skipped"] == 1 and report["fixed"] == 1
     assert report["uncaptioned"] == 1  # print.jpg has no caption file
@@ -74,3 +71,13 @@ def test_finetune_data_command_prints_the_report_and_makes_no_run_folder(tmp_pat
     assert "images: 4 usable, 1 skipped, 1 fixed" in done.stdout
     assert "broken.png" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]  # no outputs/, no .hydra/
+
+
+def test_finetune_data_fills_the_disk_cache_ahead_of_training(tmp_path, tiny_model, capsys):
+    root = _folder(tmp_path / "data")
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    cfg = data_tool_config(root, tiny_model, "data.cache=disk", cache, "data.random_flip=false")
+    data_report(cfg)
+    assert "cache: 8 entries computed, 0 already there" in capsys.readouterr().out  # 4 images, 4 captions
+    data_report(cfg)
+    assert "cache: 0 entries computed, 8 already there" in capsys.readouterr().out

@@ -1,8 +1,11 @@
-"""DDP on two CPU processes (gloo), launched the way a user would: the CLI with trainer=ddp."""
+"""DDP on two CPU processes (gloo), launched the way a user would: the CLI with trainer=ddp.
+
+The run also caches latents in memory, so the ranks' shared cache pre-pass is exercised too."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +30,7 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
         f"model.pretrained={tiny_model}",
         f"data.path={STYLE_DATA}",
         "data.batch_size=2",
+        "data.cache=memory",  # each rank encodes half, then the ranks swap their halves
         "optim.lr=1e-2",
         "validation.every_n_steps=0",
         "validation.num_inference_steps=2",
@@ -56,6 +60,7 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
         assert rank0[name].equal(rank1[name]), name  # same weights after every averaged step
     assert any(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # and they did train
 
+    assert re.search(r"data.cache=memory: \d+ entries computed", done.stderr + done.stdout)
     # Each rank trained on its own share: 3 steps x 2 images per rank, no image on both ranks.
     seen = [(tmp_path / "seen" / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert len(seen[0]) == len(seen[1]) == 6 and not set(seen[0]) & set(seen[1])

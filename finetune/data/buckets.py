@@ -73,25 +73,33 @@ class Fitted:
     flipped: bool
 
 
-def fit_to(
-    image: Image.Image,
+def resized_size(width: int, height: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the image scaled, proportions kept, until it just covers `size`."""
+    scale = max(size[0] / width, size[1] / height)
+    return max(size[0], round(width * scale)), max(size[1], round(height * scale))
+
+
+def choose_crop(
+    width: int,
+    height: int,
     size: tuple[int, int],
     random_crop: bool,
-    flip: bool,
     generator: torch.Generator | None = None,
-) -> Fitted:
-    """Resize `image` to cover `size` (width, height) keeping its proportions, crop to it, maybe flip."""
-    width, height = size
-    scale = max(width / image.width, height / image.height)
-    resized_w = max(width, round(image.width * scale))
-    resized_h = max(height, round(image.height * scale))
+) -> tuple[int, int]:
+    """(top, left) of the `size` crop taken from the resized image: centred, or drawn."""
+    resized_w, resized_h = resized_size(width, height, size)
+    if not random_crop:
+        return (resized_h - size[1]) // 2, (resized_w - size[0]) // 2
+    top = int(torch.randint(0, resized_h - size[1] + 1, (), generator=generator))
+    left = int(torch.randint(0, resized_w - size[0] + 1, (), generator=generator))
+    return top, left
+
+
+def fit_to(image: Image.Image, size: tuple[int, int], top_left: tuple[int, int], flip: bool) -> Fitted:
+    """Resize `image` to cover `size` (width, height) keeping its proportions, crop there, maybe flip."""
+    resized_w, resized_h = resized_size(image.width, image.height, size)
     resized = F.resize(image, [resized_h, resized_w], antialias=True)
-    if random_crop:
-        top = int(torch.randint(0, resized_h - height + 1, (), generator=generator))
-        left = int(torch.randint(0, resized_w - width + 1, (), generator=generator))
-    else:
-        top, left = (resized_h - height) // 2, (resized_w - width) // 2
-    cropped = F.crop(resized, top, left, height, width)
+    cropped = F.crop(resized, top_left[0], top_left[1], size[1], size[0])
     if flip:
         cropped = F.horizontal_flip(cropped)
-    return Fitted(cropped, (image.height, image.width), (top, left), flip)
+    return Fitted(cropped, (image.height, image.width), top_left, flip)

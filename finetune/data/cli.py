@@ -32,11 +32,30 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
     datamodule = CaptionedImageDataModule(cfg.data, seed=cfg.seed)
     datamodule.scan()
     assert datamodule.scan_result is not None
+    if cfg.data.cache == "disk":
+        fill_disk_cache(cfg, datamodule)
+    elif cfg.data.cache == "memory":
+        log.info("data.cache=memory lives in the training process only; use data.cache=disk to fill ahead")
     report = build_report(datamodule.scan_result, datamodule.sizes, load_tokenizer(cfg.model))
     print(format_report(report))
     if cfg.get("report"):
         print(f"report written to {write_report(report, Path(cfg.report))}")
     return report
+
+
+def fill_disk_cache(cfg: DictConfig, datamodule: Any) -> None:
+    """Encode every image and caption the cache lacks, on the GPU when there is one."""
+    import torch
+
+    from finetune.models import load_components, weight_dtype_for
+
+    components = load_components(cfg.model, weight_dtype_for(cfg.trainer.precision))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    components.vae.to(device)
+    components.text_encoder.to(device)
+    datamodule.tokenizer = components.tokenizer
+    cache = datamodule.prepare_cache(components.vae, components.text_encoder)
+    print(f"cache: {cache.computed} entries computed, {cache.reused} already there ({cache.store.directory})")
 
 
 def load_tokenizer(model_cfg: Any) -> Any:

@@ -17,7 +17,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from finetune.config import DataConfig
-from finetune.data.buckets import buckets_for, fit_to, target_size
+from finetune.data.buckets import buckets_for, choose_crop, fit_to, target_size
+from finetune.data.cache import DataCache
 from finetune.data.captions import CaptionStyle
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord, ScanResult
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 CROPS = ("center", "random")
 # How many records in a row may fail to decode before we stop pretending the dataset is usable.
 MAX_CONSECUTIVE_BAD = 50
-_TO_TENSOR = v2.Compose(
+TO_TENSOR = v2.Compose(
     [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
 )
 
@@ -52,11 +53,13 @@ class CaptionedImageDataset(Dataset):
         random_crop: bool = False,
         random_flip: bool = False,
         captions: CaptionStyle | None = None,
+        cache: DataCache | None = None,
     ) -> None:
         self.records, self.sizes = records, sizes
         self.tokenizer = tokenizer
         self.random_crop, self.random_flip = random_crop, random_flip
         self.captions = captions or CaptionStyle()
+        self.cache = cache
         self._bad: set[int] = set()  # per process: workers each keep their own
 
     def __len__(self) -> int:
@@ -65,16 +68,38 @@ class CaptionedImageDataset(Dataset):
     def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
         generator = torch.Generator().manual_seed(seed)
+        if self.cache is not None:
+            return self._cached(index, generator)
         record, image, index = self._load(index)
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
-        fitted = fit_to(image, self.sizes[index], self.random_crop, flip, generator)
+        size = self.sizes[index]
+        top_left = choose_crop(image.width, image.height, size, self.random_crop, generator)
+        fitted = fit_to(image, size, top_left, flip)
         return {
-            "pixel_values": _TO_TENSOR(fitted.image),
+            "pixel_values": TO_TENSOR(fitted.image),
             "input_ids": self.tokenize(self.captions.apply(record.caption or "", generator)),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(index),
         }
+
+    def _cached(self, index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """The sample from the cache: latent distribution, and text features when those are cached."""
+        assert self.cache is not None
+        entry = self.cache.latents[index]
+        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        caption = self.captions.apply(self.records[index].caption or "", generator)
+        item = {
+            "latent_dist": self.cache.latent(index, flip),
+            "original_size": torch.tensor(entry.original_size),
+            "crop_top_left": torch.tensor(entry.crop_top_left),
+            "index": torch.tensor(index),
+        }
+        if self.cache.text_keys is not None:
+            item["text_embeds"] = self.cache.text(caption)
+        else:
+            item["input_ids"] = self.tokenize(caption)
+        return item
 
     def _load(self, index: int) -> tuple[ImageRecord, Any, int]:
         size, failures = self.sizes[index], 0
@@ -119,6 +144,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.scan_result: ScanResult | None = None
         self.sizes: list[tuple[int, int]] = []
         self.dataset: CaptionedImageDataset | None = None
+        self.cache: DataCache | None = None  # set by prepare_cache()
 
     @property
     def records(self) -> Sequence[ImageRecord]:
@@ -151,7 +177,26 @@ class CaptionedImageDataModule(L.LightningDataModule):
             random_crop=self.cfg.crop == "random",
             random_flip=self.cfg.random_flip,
             captions=CaptionStyle.from_config(self.cfg),
+            cache=self.cache,
         )
+
+    def prepare_cache(self, vae: Any, text_encoder: Any, strategy: Any = None) -> DataCache | None:
+        """Plan and fill the cache `data.cache` asks for (ranks share the work); None when it is off."""
+        from finetune.data.cache_fill import prepare_cache
+
+        if self.cfg.cache == "none":
+            return None
+        self.cache = prepare_cache(self, vae, text_encoder, strategy)
+        self.setup("fit")  # the dataset now reads from the cache
+        return self.cache
+
+    def drop(self, indices: set[int], reasons: list[Any]) -> None:
+        """Remove records found unusable after the scan (e.g. by the cache pre-pass), with their reasons."""
+        assert self.scan_result is not None
+        keep = [i for i in range(len(self.sizes)) if i not in indices]
+        self.scan_result.records = [self.scan_result.records[i] for i in keep]
+        self.scan_result.skipped += reasons
+        self.sizes = [self.sizes[i] for i in keep]
 
     def batch_sampler(self) -> BucketBatchSampler:
         """This rank's sampler; follows the trainer's epoch and progress when one is attached."""

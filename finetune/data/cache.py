@@ -1,0 +1,181 @@
+"""Cached VAE latents and text-encoder outputs (`data.cache=memory|disk`).
+
+Encoding an image with the VAE costs more than the U-Net step that uses it, and gives the same result
+every epoch. So a pre-pass encodes each image once (both orientations when flips are on; a random
+crop is drawn once per image) and each caption once, and training reads the results.
+
+Every entry is keyed by a hash of everything that shaped it: the image's bytes, its target size, crop
+and flip, and the identity (weights, config) and dtype of the VAE or text encoder. A changed image,
+setting or model therefore never reuses a stale entry; unchanged entries are reused across runs
+(disk). Latents are stored as the VAE's distribution parameters (mean and log-variance), so training
+still samples a fresh latent each time, as it does without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from finetune.data.buckets import choose_crop
+from finetune.data.captions import CaptionStyle
+from finetune.data.records import ImageRecord
+from finetune.files import atomic_path
+
+CACHE_VERSION = 1  # bump when what an entry holds changes: old entries then stop matching
+DEFAULT_CACHE_DIR = Path("~/.cache/finetune/latents")
+
+
+def model_identity(model: torch.nn.Module) -> str:
+    """A hash of a model's class, config and weights: two models share it only if they compute the same."""
+    digest = hashlib.sha256(type(model).__name__.encode())
+    config = getattr(model, "config", {})
+    settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers / diffusers
+    digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        # Bytes, not values: a uint8 view works for every dtype, bfloat16 included.
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def entry_key(**parts: object) -> str:
+    return hashlib.sha256(json.dumps({"v": CACHE_VERSION, **parts}, sort_keys=True).encode()).hexdigest()
+
+
+class CacheStore:
+    """Entries by key: in this process's memory, or as safetensors files under a folder."""
+
+    def __init__(self, mode: str, directory: Path | None = None) -> None:
+        self.mode = mode
+        self.directory = (directory or DEFAULT_CACHE_DIR).expanduser() if mode == "disk" else None
+        self.entries: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _path(self, key: str) -> Path:
+        assert self.directory is not None
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return key in self.entries if self.directory is None else self._path(key).is_file()
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        if self.directory is None:
+            return self.entries[key]
+        return safetensors.torch.load_file(self._path(key))
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+        if self.directory is None:
+            self.entries[key] = tensors
+            return
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:  # another rank or run may read it: never half-written
+            safetensors.torch.save_file(tensors, tmp)
+
+
+@dataclass
+class LatentEntry:
+    """What one image contributes: an entry key per orientation, and the crop the keys were made with."""
+
+    keys: dict[bool, str]  # flipped? -> key
+    crop_top_left: tuple[int, int]
+    original_size: tuple[int, int]  # (height, width)
+
+
+@dataclass
+class DataCache:
+    """The plan (which key holds what) and the store. `text_keys` is None when text is not cached."""
+
+    store: CacheStore
+    latents: list[LatentEntry]
+    text_keys: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)
+    computed: int = 0  # entries the last fill computed (all ranks)
+    reused: int = 0  # entries it found already stored
+
+    def missing_latents(self) -> list[tuple[int, bool]]:
+        return [
+            (i, flip)
+            for i, e in enumerate(self.latents)
+            for flip, key in e.keys.items()
+            if not self.store.has(key)
+        ]
+
+    def missing_texts(self) -> list[str]:
+        return [text for text, key in (self.text_keys or {}).items() if not self.store.has(key)]
+
+    def latent(self, index: int, flip: bool) -> torch.Tensor:
+        return self.store.get(self.latents[index].keys[flip])["latent_dist"]
+
+    def text(self, caption: str) -> torch.Tensor:
+        assert self.text_keys is not None
+        return self.store.get(self.text_keys[caption])["text_embeds"]
+
+
+def plan_cache(
+    records: Sequence[ImageRecord],
+    sizes: Sequence[tuple[int, int]],
+    store: CacheStore,
+    *,
+    random_crop: bool,
+    random_flip: bool,
+    seed: int,
+    vae: str,
+    vae_dtype: torch.dtype,
+    captions: CaptionStyle,
+    text_encoder: str | None,
+    text_dtype: torch.dtype | None = None,
+    max_length: int = 77,
+) -> DataCache:
+    """Keys for every record's latents (and every caption's text features when `text_encoder` is set)."""
+    entries = []
+    for record, size in zip(records, sizes, strict=True):
+        fingerprint = record.load.fingerprint()
+        assert record.size is not None, "records are screened before caching"
+        # One random crop per image, from its content and the run seed: stable across runs.
+        generator = torch.Generator().manual_seed(int(fingerprint[:12], 16) ^ seed)
+        crop = choose_crop(*record.size, size, random_crop, generator)
+        keys = {
+            flip: entry_key(
+                kind="latent",
+                image=fingerprint,
+                size=size,
+                crop=crop,
+                flip=flip,
+                vae=vae,
+                dtype=str(vae_dtype),
+            )
+            for flip in ((False, True) if random_flip else (False,))
+        }
+        entries.append(LatentEntry(keys, crop, (record.size[1], record.size[0])))
+    cache = DataCache(store, entries)
+    if random_crop:
+        cache.notes.append("data.cache: random crops are drawn once per image and reused every epoch")
+    if text_encoder is not None:
+        texts = {f"{captions.prefix}{record.caption or ''}{captions.suffix}" for record in records}
+        if captions.dropout > 0:
+            texts.add("")
+        cache.text_keys = {
+            text: entry_key(
+                kind="text", text=text, encoder=text_encoder, dtype=str(text_dtype), max_length=max_length
+            )
+            for text in sorted(texts)
+        }
+    return cache
+
+
+def batched(items: Iterable, size: int) -> Iterable[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
