@@ -132,8 +132,9 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
             # A resumed run writes into the same folder: last.ckpt is replaced, not joined by last-v1.ckpt.
             enable_version_counter=False,
         ),
-        StepProgressBar(),
     ]
+    if cfg.trainer.enable_progress_bar is not False:
+        callbacks.append(StepProgressBar())
     if cfg.logger:
         callbacks += [
             LearningRateMonitor(logging_interval="step"),

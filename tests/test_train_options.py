@@ -27,6 +27,7 @@ def test_bf16_mixed_keeps_frozen_weights_in_bf16_and_trainables_in_fp32(
 ) -> None:
     overrides = fast_overrides(tiny_model, tmp_path, steps=2)
     overrides += ["trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"]
+    overrides += ["trainer.enable_progress_bar=false"]  # no bar at all (our bar must not force one)
     result = train(compose_config(overrides))
     module = result.module
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["train/loss"]))
