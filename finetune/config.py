@@ -220,6 +220,10 @@ def check_config(cfg: Any) -> None:
         if value not in allowed:
             words = ", ".join(str(a) for a in allowed if a is not None)
             raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    if OmegaConf.select(cfg, "data.streaming", default=False):
+        from finetune.data.streaming import check_streaming
+
+        check_streaming(cfg.data, cfg.trainer.max_steps)
     precision = str(cfg.trainer.precision)
     if precision.startswith("16") and _runs_on_cpu(str(cfg.trainer.accelerator)):
         raise ConfigError(

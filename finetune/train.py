@@ -96,6 +96,11 @@ def _report_data(datamodule: Any, run_dir: Path, loggers: list) -> None:
 
     if rank_zero_only.rank != 0:
         return
+    if datamodule.cfg.streaming:
+        log.info(
+            "data report: streaming '%s' — rows are checked as they arrive; no counts", datamodule.cfg.name
+        )
+        return
     report = build_report(datamodule.scan_result, datamodule.sizes, datamodule.tokenizer)
     log.info("data report:\n%s", format_report(report, max_files=20))
     write_report(report, run_dir / "data_report.json")

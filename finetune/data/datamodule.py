@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from finetune.config import DataConfig
@@ -143,7 +143,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.seed = seed
         self.scan_result: ScanResult | None = None
         self.sizes: list[tuple[int, int]] = []
-        self.dataset: CaptionedImageDataset | None = None
+        self.dataset: Any = None  # CaptionedImageDataset, or a StreamingCaptionedImages
         self.cache: DataCache | None = None  # set by prepare_cache()
 
     @property
@@ -159,8 +159,14 @@ class CaptionedImageDataModule(L.LightningDataModule):
         return len(self.records)
 
     def scan(self) -> int:
-        """Check the config, find and screen the records, pick each one's size; return how many."""
+        """Check the config, find and screen the records, pick each one's size; return how many.
+
+        A stream is not scanned (it has no end): 0 is returned and rows are checked as they come.
+        """
         self._check_config()
+        if self.cfg.streaming:
+            self.scan_result = ScanResult(records=[], notes=[f"streaming '{self.cfg.name}': counts unknown"])
+            return 0
         self.scan_result = find_records(self.cfg)
         self.sizes = [target_size(self.cfg, *record.size) for record in self.scan_result.records]
         return len(self.sizes)
@@ -170,6 +176,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
             self.scan()
         if self.tokenizer is None:
             raise DataError("the data module has no tokenizer — set datamodule.tokenizer before setup()")
+        if self.cfg.streaming:
+            self.dataset = self._stream()
+            return
         self.dataset = CaptionedImageDataset(
             self.records,
             self.tokenizer,
@@ -214,10 +223,26 @@ class CaptionedImageDataModule(L.LightningDataModule):
             progress_fn=(lambda: (trainer.current_epoch, _batches_trained(trainer))) if trainer else None,
         )
 
-    def train_dataloader(self) -> ResumableDataLoader:
+    def _stream(self) -> Any:
+        from finetune.data.streaming import StreamingCaptionedImages
+
+        tokenize = CaptionedImageDataset([], self.tokenizer, []).tokenize
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        return StreamingCaptionedImages(self.cfg, self.tokenizer, tokenize, self.seed, rank, world)
+
+    def train_dataloader(self) -> Any:
         if self.dataset is None:
             self.setup("fit")
         workers = self.cfg.num_workers
+        if self.cfg.streaming:  # the stream shards and shuffles itself
+            return DataLoader(
+                self.dataset,
+                batch_size=self.cfg.batch_size,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+                pin_memory=torch.cuda.is_available(),
+            )
         # Our sampler shards by rank itself (train.py turns Lightning's DistributedSampler off).
         return ResumableDataLoader(
             self.dataset,

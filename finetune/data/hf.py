@@ -54,22 +54,25 @@ def find_in_hf(cfg: Any) -> ScanResult:
     return _hf_records(dataset, cfg.image_column, cfg.caption_column, root, f"{name}[{split}]")
 
 
+def load_dataset_args(name: str, split: str) -> tuple[Any, ...]:
+    """`load_dataset` arguments for a hub id or folder (format inferred), or one .parquet/.arrow file."""
+    local = Path(name).expanduser()
+    builder = DATA_FILE_BUILDERS.get(local.suffix.lower()) if local.is_file() else None
+    return (builder, None, None, {split: str(local)}) if builder else (name,)
+
+
 def load_hf_dataset(name: str, split: str) -> tuple[Any, Path | None]:
     """The split as a `datasets.Dataset`, plus the local folder it came from (None for a hub id)."""
     import datasets  # imported here: it is slow to import and folder datasets do not need it
 
     local = Path(name).expanduser()
     saved = (local / "dataset_dict.json").is_file() or (local / "state.json").is_file()
-    builder = DATA_FILE_BUILDERS.get(local.suffix.lower()) if local.is_file() else None
     try:
-        # save_to_disk folders need load_from_disk; one data file its builder; anything else (hub id,
-        # folder of data files) load_dataset, which infers the format.
+        # save_to_disk folders need load_from_disk; anything else load_dataset.
         if saved:
             loaded = datasets.load_from_disk(str(local))
-        elif builder:
-            loaded = datasets.load_dataset(builder, data_files={split: str(local)}, split=split)
         else:
-            loaded = datasets.load_dataset(name, split=split)
+            loaded = datasets.load_dataset(*load_dataset_args(name, split), split=split)
     except Exception as error:  # datasets raises many types (network, format, missing split): report them all
         message = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DataError(f"data.name: cannot load '{name}' split '{split}': {message}") from error

@@ -1,0 +1,126 @@
+"""Streaming Hugging Face datasets (`data.source=hf data.streaming=true`): for datasets too big for disk.
+
+Rows are read as they arrive: each rank takes its part of the stream (`split_dataset_by_node`),
+DataLoader workers split it further, and a shuffle buffer mixes it. The stream never ends — it starts
+over with a new shuffle each pass — so ranks never run out at different times; `trainer.max_steps`
+ends the run. Bad rows are skipped with a warning as they are met, since nothing is scanned ahead.
+What streaming cannot do: aspect-ratio buckets, the cache, a data report with counts, and resuming
+mid-pass at the exact row (a resumed run starts a fresh pass).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset
+
+from finetune.data.buckets import choose_crop, fit_to
+from finetune.data.captions import CaptionStyle
+from finetune.data.images import ImageDecodeError, decode_value, value_header
+from finetune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 1000  # rows held for shuffling: more mixes better, costs memory
+
+
+def check_streaming(cfg: Any, max_steps: int) -> None:
+    """Refuse, in one line, the settings a stream cannot honour."""
+    if cfg.source != "hf" or cfg.sources:
+        raise ConfigError("data.streaming: only a single data.source=hf dataset can be streamed")
+    for key, off in (("buckets", False), ("cache", "none")):
+        if getattr(cfg, key) != off:
+            raise ConfigError(f"data.{key}: not available with data.streaming=true — set data.{key}={off}")
+    if max_steps is None or max_steps < 1:
+        raise ConfigError("trainer.max_steps: a stream has no length — set how many steps to train")
+
+
+class StreamingCaptionedImages(IterableDataset):
+    """Samples shaped like `CaptionedImageDataset`'s, from a streamed dataset (square crops)."""
+
+    def __init__(
+        self, cfg: Any, tokenizer: Any, tokenize: Any, seed: int, rank: int = 0, world_size: int = 1
+    ):
+        self.cfg, self.tokenizer, self.tokenize = cfg, tokenizer, tokenize
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.captions = CaptionStyle.from_config(cfg)
+        self.skipped = 0
+
+    def open(self) -> Any:
+        """The stream of this rank, images left encoded so they pass our own checks."""
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        from finetune.data.hf import load_dataset_args
+
+        try:
+            args = load_dataset_args(self.cfg.name, self.cfg.split)
+            stream = datasets.load_dataset(*args, split=self.cfg.split, streaming=True)
+        except Exception as error:  # datasets raises many kinds (network, format, missing split)
+            raise DataError(f"data.name: cannot stream '{self.cfg.name}': {error}") from error
+        for key in ("image_column", "caption_column"):
+            if getattr(self.cfg, key) not in (stream.column_names or [getattr(self.cfg, key)]):
+                raise DataError(f"data.{key}: '{getattr(self.cfg, key)}' not in '{self.cfg.name}'")
+        if isinstance((stream.features or {}).get(self.cfg.image_column), datasets.Image):
+            stream = stream.cast_column(self.cfg.image_column, datasets.Image(decode=False))
+        return split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        stream = self.open()
+        if self.cfg.shuffle:
+            stream = stream.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER)
+        worker = torch.utils.data.get_worker_info()
+        counter = itertools.count()
+        for epoch in itertools.count():
+            stream.set_epoch(epoch)
+            seen = 0
+            for row in stream:
+                seen += 1
+                sample = self._sample(row, epoch, next(counter), worker.id if worker else 0)
+                if sample is not None:
+                    yield sample
+            if seen == 0:
+                raise DataError(f"data.name: '{self.cfg.name}' streamed no rows for this process")
+
+    def _sample(self, row: dict, epoch: int, count: int, worker: int) -> dict[str, torch.Tensor] | None:
+        cfg = self.cfg
+        key = f"{cfg.name} row {count} (pass {epoch})"
+        caption = row.get(cfg.caption_column)
+        if caption is None:
+            if cfg.missing_caption == "error":
+                raise DataError(f"data.missing_caption=error: {key} has no caption")
+            if cfg.missing_caption == "skip":
+                return self._skip(key, "no caption")
+            caption = cfg.default_caption if cfg.missing_caption == "default" else ""
+        value = row.get(cfg.image_column)
+        try:
+            with value_header(value) as header:
+                if header.width * header.height > cfg.max_pixels:
+                    return self._skip(key, f"{header.width} x {header.height} is over data.max_pixels")
+            image = decode_value(value, key)
+        except ImageDecodeError as error:
+            return self._skip(key, str(error))
+        generator = torch.Generator().manual_seed(hash((self.seed, self.rank, worker, count)) & 0x7FFFFFFF)
+        flip = cfg.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        size = (cfg.resolution, cfg.resolution)
+        fitted = fit_to(
+            image, size, choose_crop(image.width, image.height, size, cfg.crop == "random", generator), flip
+        )
+        from finetune.data.datamodule import TO_TENSOR
+
+        return {
+            "pixel_values": TO_TENSOR(fitted.image),
+            "input_ids": self.tokenize(self.captions.apply(" ".join(str(caption).split()), generator)),
+            "original_size": torch.tensor(fitted.original_size),
+            "crop_top_left": torch.tensor(fitted.crop_top_left),
+            "index": torch.tensor(count),
+        }
+
+    def _skip(self, key: str, reason: str) -> None:
+        self.skipped += 1
+        log.warning("skipped %s: %s (%d skipped so far in this process)", key, reason, self.skipped)
+        return None
