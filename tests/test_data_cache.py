@@ -12,6 +12,7 @@ from PIL import Image
 
 from finetune.config import DataConfig, ModelConfig
 from finetune.data import CaptionedImageDataModule
+from finetune.data.images import FileImage
 from finetune.methods.lora import add_lora
 from finetune.models import load_components
 from finetune.train import train
@@ -60,29 +61,31 @@ def test_cached_samples_hold_what_the_encoders_compute_from_the_same_sample(tmp_
     assert flips == {True, False}
 
 
-def test_disk_cache_reuses_unchanged_entries_and_recomputes_changed_ones(tmp_path, parts):
+def test_disk_cache_reuses_unchanged_entries_and_recomputes_changed_ones(tmp_path, parts, monkeypatch):
     root, store = _images(tmp_path / "data"), tmp_path / "cache"
-    first = _module(root, parts, cache="disk", cache_dir=str(store)).prepare_cache(
-        parts.vae, parts.text_encoder
-    )
-    assert (first.computed, first.reused) == (6, 0)
-    files = sorted(p.name for p in store.rglob("*.safetensors"))
-    assert len(files) == 6
 
-    again = _module(root, parts, cache="disk", cache_dir=str(store)).prepare_cache(
-        parts.vae, parts.text_encoder
-    )
+    def fill(**overrides):
+        module = _module(root, parts, cache="disk", cache_dir=str(store), **overrides)
+        return module.prepare_cache(parts.vae, parts.text_encoder)
+
+    first = fill()
+    assert (first.computed, first.reused) == (6, 0)
+    assert len(list(store.rglob("*.safetensors"))) == 6
+
+    hashed = []
+    original = FileImage.fingerprint
+    monkeypatch.setattr(FileImage, "fingerprint", lambda self: hashed.append(self.path) or original(self))
+    again = fill()
     assert (again.computed, again.reused) == (0, 6)
+    assert hashed == []  # unchanged files (same size and time) are not read again to be hashed
 
     Image.new("RGB", (48, 32), (1, 2, 3)).save(root / "1.png")  # new bytes, same name and size
-    edited = _module(root, parts, cache="disk", cache_dir=str(store)).prepare_cache(
-        parts.vae, parts.text_encoder
-    )
+    edited = fill()
     assert (edited.computed, edited.reused) == (1, 5)
+    assert hashed == [root / "1.png"]
     assert torch.allclose(edited.latent(1, False), _encode(parts, root, 1), atol=1e-5)
 
-    larger = _module(root, parts, cache="disk", cache_dir=str(store), resolution=48)
-    resized = larger.prepare_cache(parts.vae, parts.text_encoder)
+    resized = fill(resolution=48)
     assert (resized.computed, resized.reused) == (3, 3)  # every image again; captions unchanged
 
 

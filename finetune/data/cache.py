@@ -79,6 +79,42 @@ class CacheStore:
             safetensors.torch.save_file(tensors, tmp)
 
 
+class Fingerprints:
+    """Content hashes of image files, remembered by (path, size, modification time).
+
+    Hashing every image at every start would read the whole dataset each time; a file whose size
+    and modification time are unchanged keeps its hash. Kept beside a disk cache as one JSON file.
+    """
+
+    def __init__(self, directory: Path | None) -> None:
+        self.path = directory / "fingerprints.json" if directory is not None else None
+        self.known: dict[str, str] = {}
+        if self.path is not None and self.path.is_file():
+            try:
+                self.known = json.loads(self.path.read_text())
+            except (OSError, ValueError):  # a damaged index only costs re-hashing
+                self.known = {}
+        self.changed = False
+
+    def of(self, record: ImageRecord) -> str:
+        path = getattr(record.load, "path", None)
+        if path is None:  # a dataset row: hash its bytes
+            return record.load.fingerprint()
+        stat = Path(path).stat()
+        key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        if key not in self.known:
+            self.known[key] = record.load.fingerprint()
+            self.changed = True
+        return self.known[key]
+
+    def save(self) -> None:
+        if self.path is None or not self.changed:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(json.dumps(self.known))
+
+
 @dataclass
 class LatentEntry:
     """What one image contributes: an entry key per orientation, and the crop the keys were made with."""
@@ -135,8 +171,9 @@ def plan_cache(
 ) -> DataCache:
     """Keys for every record's latents (and every caption's text features when `text_encoder` is set)."""
     entries = []
+    fingerprints = Fingerprints(store.directory)
     for record, size in zip(records, sizes, strict=True):
-        fingerprint = record.load.fingerprint()
+        fingerprint = fingerprints.of(record)
         assert record.size is not None, "records are screened before caching"
         # One random crop per image, from its content and the run seed: stable across runs.
         generator = torch.Generator().manual_seed(int(fingerprint[:12], 16) ^ seed)
@@ -154,6 +191,7 @@ def plan_cache(
             for flip in ((False, True) if random_flip else (False,))
         }
         entries.append(LatentEntry(keys, crop, (record.size[1], record.size[0])))
+    fingerprints.save()
     cache = DataCache(store, entries)
     if random_crop:
         cache.notes.append("data.cache: random crops are drawn once per image and reused every epoch")
