@@ -1,4 +1,4 @@
-"""Caption changes made each time an image is shown: tag shuffling, prefix/suffix (trigger words), dropout."""
+"""Caption changes made each time an image is shown (tag shuffling, prefix/suffix, dropout); tokenizing."""
 
 from __future__ import annotations
 
@@ -48,3 +48,15 @@ class CaptionStyle:
         order = torch.randperm(len(rest), generator=generator).tolist()
         joiner = self.separator.strip() + " " if self.separator.strip() else self.separator
         return joiner.join(kept + [rest[i] for i in order])
+
+
+def tokenize(tokenizer: Any, caption: str) -> torch.Tensor:
+    """int64 token ids of one caption, padded/truncated to the tokenizer's model_max_length."""
+    tokens = tokenizer(
+        caption,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return tokens.input_ids[0].long()

@@ -19,9 +19,9 @@ from torchvision.transforms import v2
 from finetune.config import DataConfig
 from finetune.data.buckets import buckets_for, choose_crop, fit_to, target_size
 from finetune.data.cache import DataCache
-from finetune.data.captions import CaptionStyle
+from finetune.data.captions import CaptionStyle, tokenize
 from finetune.data.images import ImageDecodeError
-from finetune.data.records import ImageRecord, ScanResult
+from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader, SampleKey
 from finetune.data.sources import find_records
 from finetune.errors import ConfigError, DataError
@@ -122,15 +122,7 @@ class CaptionedImageDataset(Dataset):
         )
 
     def tokenize(self, caption: str) -> torch.Tensor:
-        """int64 token ids padded/truncated to the tokenizer's model_max_length."""
-        tokens = self.tokenizer(
-            caption,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return tokens.input_ids[0].long()
+        return tokenize(self.tokenizer, caption)
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
@@ -199,7 +191,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.setup("fit")  # the dataset now reads from the cache
         return self.cache
 
-    def drop(self, indices: set[int], reasons: list[Any]) -> None:
+    def drop(self, indices: set[int], reasons: list[Skipped]) -> None:
         """Remove records found unusable after the scan (e.g. by the cache pre-pass), with their reasons."""
         assert self.scan_result is not None
         keep = [i for i in range(len(self.sizes)) if i not in indices]
@@ -226,10 +218,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
     def _stream(self) -> Any:
         from finetune.data.streaming import StreamingCaptionedImages
 
-        tokenize = CaptionedImageDataset([], self.tokenizer, []).tokenize
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        return StreamingCaptionedImages(self.cfg, self.tokenizer, tokenize, self.seed, rank, world)
+        return StreamingCaptionedImages(self.cfg, self.tokenizer, self.seed, rank, world)
 
     def train_dataloader(self) -> Any:
         if self.dataset is None:

@@ -19,7 +19,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from finetune.data.buckets import choose_crop, fit_to
-from finetune.data.captions import CaptionStyle
+from finetune.data.captions import CaptionStyle, tokenize
+from finetune.data.datamodule import TO_TENSOR
 from finetune.data.images import ImageDecodeError, decode_value, value_header
 from finetune.errors import ConfigError, DataError
 
@@ -42,10 +43,8 @@ def check_streaming(cfg: Any, max_steps: int) -> None:
 class StreamingCaptionedImages(IterableDataset):
     """Samples shaped like `CaptionedImageDataset`'s, from a streamed dataset (square crops)."""
 
-    def __init__(
-        self, cfg: Any, tokenizer: Any, tokenize: Any, seed: int, rank: int = 0, world_size: int = 1
-    ):
-        self.cfg, self.tokenizer, self.tokenize = cfg, tokenizer, tokenize
+    def __init__(self, cfg: Any, tokenizer: Any, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.tokenizer = cfg, tokenizer
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.captions = CaptionStyle.from_config(cfg)
         self.skipped = 0
@@ -110,11 +109,11 @@ class StreamingCaptionedImages(IterableDataset):
         fitted = fit_to(
             image, size, choose_crop(image.width, image.height, size, cfg.crop == "random", generator), flip
         )
-        from finetune.data.datamodule import TO_TENSOR
-
         return {
             "pixel_values": TO_TENSOR(fitted.image),
-            "input_ids": self.tokenize(self.captions.apply(" ".join(str(caption).split()), generator)),
+            "input_ids": tokenize(
+                self.tokenizer, self.captions.apply(" ".join(str(caption).split()), generator)
+            ),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(count),
