@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -116,16 +117,18 @@ def test_metadata_paths_that_escape_the_root_are_refused(tmp_path):
     root.mkdir()
     Image.new("RGB", (32, 32)).save(root / "ok.png")
     Image.new("RGB", (32, 32)).save(tmp_path / "outside.png")
+    os.symlink(tmp_path / "outside.png", root / "link.png")
     (root / "metadata.csv").write_text(
-        f"file_name,text\nok.png,fine\n../outside.png,up\n{tmp_path}/outside.png,abs\n"
+        f"file_name,text\nok.png,fine\n../outside.png,up\n{tmp_path}/outside.png,abs\nlink.png,link\n"
     )
     result = find_records(cfg(root))
     assert [r.key for r in result.records] == ["ok.png"]
-    reasons = sorted(s.reason for s in result.skipped)
-    assert reasons == [
-        "absolute path refused — paths must be relative to the dataset root",
-        "path escapes the dataset root",
-    ]
+    reasons = {s.key.split(" ")[0]: s.reason for s in result.skipped}
+    assert reasons == {
+        f"{tmp_path}/outside.png": "absolute path refused — paths must be relative to the dataset root",
+        "../outside.png": "path escapes the dataset root",
+        "link.png": "path escapes the dataset root",
+    }
 
 
 def test_a_good_file_is_kept_as_is(folder):
