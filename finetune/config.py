@@ -71,6 +71,20 @@ class FullMethodConfig:
 
 
 @dataclass
+class ControlNetMethodConfig:
+    """A ControlNet beside the frozen base U-Net (`method=controlnet`)."""
+
+    name: str = "controlnet"
+    # null: initialise from the base U-Net's encoder; else a hub id, folder or single file to continue.
+    pretrained: str | None = None
+    conditioning_scale: float = 1.0
+    lora_rank: int | None = None  # train a LoRA on the ControlNet instead of all its weights
+    unet_lora_rank: int | None = None  # also train a LoRA on the base U-Net
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    save_single_file: bool = True  # also write controlnet.safetensors in the original (A1111/ComfyUI) layout
+
+
+@dataclass
 class SourceConfig:
     """Where captioned images come from: `source=folder` (path) or `source=hf` (name)."""
 
@@ -83,6 +97,10 @@ class SourceConfig:
     # Column of metadata.jsonl / metadata.csv naming each image file (HF imagefolder convention).
     file_column: str = "file_name"
     caption_extensions: list[str] = field(default_factory=lambda: [".txt", ".caption"])
+    # ControlNet conditioning images: a parallel folder (same relative names, any image extension), or
+    # a metadata / dataset column holding them.
+    conditioning_path: str | None = None
+    conditioning_column: str | None = None
     # How often this source's images are shown per epoch, relative to their count (may be fractional);
     # it multiplies kohya folder repeats.
     weight: float = 1.0
@@ -112,6 +130,11 @@ class DataConfig(SourceConfig):
     keep_tokens: int = 0  # leading tags that stay in place when shuffling
     tag_separator: str = ","
     caption_dropout: float = 0.0
+    # ControlNet: conditioning computed from each image by a preprocessor (canny), instead of read
+    conditioning: str | None = None
+    canny_low: int = 100
+    canny_high: int = 200
+    conditioning_dropout: float = 0.0  # share of samples trained with a blank conditioning image
     # Bad input
     max_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's own limit
     upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
@@ -188,6 +211,7 @@ def register_configs() -> None:
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(group="method", name="lora_schema", node=LoraMethodConfig)
     store.store(group="method", name="full_schema", node=FullMethodConfig)
+    store.store(group="method", name="controlnet_schema", node=ControlNetMethodConfig)
     store.store(group="data", name="schema", node=DataConfig)
     store.store(group="trainer", name="schema", node=_trainer_schema())
     store.store(name="loss_schema", node=LossConfig, package="loss")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -36,6 +37,7 @@ class Components:
     tokenizer: CLIPTokenizer
     noise_scheduler: DDPMScheduler
     source: str
+    controlnet: Any = None  # a ControlNetModel when method=controlnet adds one
 
 
 def resolve_source(cfg: ModelConfig) -> str:

@@ -31,6 +31,7 @@ class DiffusionModule(L.LightningModule):
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
+        self.controlnet = components.controlnet  # None unless method=controlnet made one
         self.noise_scheduler = components.noise_scheduler
         self.prediction_type = loss.prediction_type or self.noise_scheduler.config.prediction_type
         # Checkpoints hold only what trains; the frozen base comes from `model.pretrained` again.
@@ -78,7 +79,7 @@ class DiffusionModule(L.LightningModule):
         timesteps = timesteps.long().to(latents.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         text_embeddings = self.batch_text(batch)
-        prediction = self.unet(noisy_latents, timesteps, text_embeddings, return_dict=False)[0]
+        prediction = self.method.denoise(self.components, noisy_latents, timesteps, text_embeddings, batch)
 
         target = regression_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         weights = None

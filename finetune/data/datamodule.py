@@ -20,6 +20,7 @@ from finetune.config import DataConfig
 from finetune.data.buckets import buckets_for, choose_crop, fit_to, target_size
 from finetune.data.cache import DataCache
 from finetune.data.captions import CaptionStyle, tokenize
+from finetune.data.conditioning import ConditioningImages
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader, SampleKey
@@ -54,12 +55,14 @@ class CaptionedImageDataset(Dataset):
         random_flip: bool = False,
         captions: CaptionStyle | None = None,
         cache: DataCache | None = None,
+        conditioning: ConditioningImages | None = None,
     ) -> None:
         self.records, self.sizes = records, sizes
         self.tokenizer = tokenizer
         self.random_crop, self.random_flip = random_crop, random_flip
         self.captions = captions or CaptionStyle()
         self.cache = cache
+        self.conditioning = conditioning
         self._bad: set[int] = set()  # per process: workers each keep their own
 
     def __len__(self) -> int:
@@ -75,13 +78,21 @@ class CaptionedImageDataset(Dataset):
         size = self.sizes[index]
         top_left = choose_crop(image.width, image.height, size, self.random_crop, generator)
         fitted = fit_to(image, size, top_left, flip)
-        return {
+        item = {
             "pixel_values": TO_TENSOR(fitted.image),
             "input_ids": self.tokenize(self.captions.apply(record.caption or "", generator)),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(index),
         }
+        if self.conditioning is not None:
+            try:
+                item["conditioning_pixel_values"] = self.conditioning.make(record, fitted, generator)
+            except ImageDecodeError as error:  # the pair is unusable: serve the next one instead
+                self._bad.add(index)
+                log.warning("skipped %s at training time: its conditioning image: %s", record.key, error)
+                return self[(index, seed)]
+        return item
 
     def _cached(self, index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The sample from the cache: latent distribution, and text features when those are cached."""
@@ -99,6 +110,10 @@ class CaptionedImageDataset(Dataset):
             item["text_embeds"] = self.cache.text(caption)
         else:
             item["input_ids"] = self.tokenize(caption)
+        if self.conditioning is not None:  # placed like the cached latents: same crop and flip
+            record, image, _ = self._load(index)
+            fitted = fit_to(image, self.sizes[index], entry.crop_top_left, flip)
+            item["conditioning_pixel_values"] = self.conditioning.make(record, fitted, generator)
         return item
 
     def _load(self, index: int) -> tuple[ImageRecord, Any, int]:
@@ -179,6 +194,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             random_flip=self.cfg.random_flip,
             captions=CaptionStyle.from_config(self.cfg),
             cache=self.cache,
+            conditioning=ConditioningImages.from_config(self.cfg),
         )
 
     def prepare_cache(self, vae: Any, text_encoder: Any, strategy: Any = None) -> DataCache | None:

@@ -22,15 +22,41 @@ KOHYA_FOLDER = re.compile(r"^(\d+)_(.+)$")
 
 
 def scan_folder(
-    root: Path, caption_extensions: list[str], file_column: str, caption_column: str
+    root: Path,
+    caption_extensions: list[str],
+    file_column: str,
+    caption_column: str,
+    conditioning_column: str | None = None,
 ) -> ScanResult:
     """The records of one dataset folder, in either layout (a metadata file wins if present)."""
     metadata = [root / name for name in METADATA_FILES if (root / name).is_file()]
     if len(metadata) > 1:
         raise DataError(f"data.path: '{root}' has both {' and '.join(METADATA_FILES)} — keep only one")
     if metadata:
-        return scan_metadata(root, metadata[0], file_column, caption_column)
+        return scan_metadata(root, metadata[0], file_column, caption_column, conditioning_column)
+    if conditioning_column:
+        raise DataError(f"data.conditioning_column: '{root}' has no metadata file to hold that column")
     return scan_sidecars(root, caption_extensions)
+
+
+def attach_parallel_conditioning(result: ScanResult, folder: Path) -> None:
+    """Give each record the image of the same relative name (any image extension) under `folder`."""
+    if not folder.is_dir():
+        raise DataError(f"data.conditioning_path: '{folder}' is not a directory")
+    extensions = [*IMAGE_EXTENSIONS, *(ext.upper() for ext in IMAGE_EXTENSIONS)]
+    kept = []
+    for record in result.records:
+        stem = Path(record.key).with_suffix("")
+        found = None
+        for ext in extensions:
+            found, _ = resolve_inside(folder, f"{stem}{ext}")
+            if found is not None:
+                break
+        if found is None:
+            result.skipped.append(Skipped(record.key, f"no conditioning image {stem}.* in {folder}"))
+            continue
+        kept.append(record.with_(conditioning=FileImage(found)))
+    result.records = kept
 
 
 def scan_sidecars(
@@ -95,10 +121,15 @@ def _clean(text: str) -> str:
     return " ".join(text.replace("\x00", "").split())
 
 
-def scan_metadata(root: Path, metadata: Path, file_column: str, caption_column: str) -> ScanResult:
+def scan_metadata(
+    root: Path, metadata: Path, file_column: str, caption_column: str, conditioning_column: str | None = None
+) -> ScanResult:
     """Rows of metadata.jsonl/metadata.csv naming image files relative to `root` (HF imagefolder style)."""
     rows, columns, result = _read_metadata(metadata)
-    for key, column in (("data.file_column", file_column), ("data.caption_column", caption_column)):
+    needed = [("data.file_column", file_column), ("data.caption_column", caption_column)]
+    if conditioning_column:
+        needed.append(("data.conditioning_column", conditioning_column))
+    for key, column in needed:
         if column not in columns:
             available = ", ".join(sorted(columns)) or "none"
             raise DataError(f"{key}: '{column}' not in {metadata.name}; available columns: {available}")
@@ -115,9 +146,16 @@ def scan_metadata(root: Path, metadata: Path, file_column: str, caption_column: 
         elif caption is not None and not isinstance(caption, str):
             result.skipped.append(Skipped(f"{value} ({where})", f"'{caption_column}' is not text"))
         else:
+            conditioning = None
+            if conditioning_column:
+                conditioning, why = resolve_inside(root, str(row.get(conditioning_column) or ""))
+                if conditioning is None:
+                    result.skipped.append(Skipped(f"{value} ({where})", f"conditioning image: {why}"))
+                    continue
             listed.add(path.resolve())
             text = _clean(caption) if caption is not None else None
-            result.records.append(ImageRecord(value, text, FileImage(path)))
+            loader = FileImage(conditioning) if conditioning else None
+            result.records.append(ImageRecord(value, text, FileImage(path), conditioning=loader))
     unlisted = sum(
         1
         for directory, names in walk(root)

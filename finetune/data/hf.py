@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,42 +15,18 @@ from finetune.errors import DataError
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 
 
-class DatasetRows(Sequence[ImageRecord]):
-    """Records over a dataset's image column, made on access so no image is decoded while scanning."""
-
-    def __init__(self, dataset: Any, column: str, captions: list[str | None], prefix: str) -> None:
-        import datasets
-
-        dataset = dataset.select_columns([column])
-        if isinstance(dataset.features[column], datasets.Image):
-            # Raw bytes/path, decoded by us: the same safe decoding and checks as image files.
-            dataset = dataset.cast_column(column, datasets.Image(decode=False))
-        self.dataset = dataset
-        self.column = column
-        self.captions = captions
-        self.prefix = prefix
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def __getitem__(self, index: int) -> ImageRecord:  # type: ignore[override]  # no slices needed
-        index = range(len(self))[index]  # normalises negatives and raises IndexError like a list
-        key = f"{self.prefix}#{index}"
-        return ImageRecord(key, self.captions[index], DatasetImage(self.dataset, self.column, index, key))
-
-
 def find_in_hf(cfg: Any) -> ScanResult:
     name, split = config_value(cfg, "name"), cfg.split
     if not name:
         raise DataError("data.name is not set — give a hub dataset id or a folder written by save_to_disk")
     dataset, root = load_hf_dataset(str(name), split)
     where = f"'{name}' [{split}]"
-    for key in ("image_column", "caption_column"):
-        column = getattr(cfg, key)
-        if column not in dataset.column_names:
+    for key in ("image_column", "caption_column", "conditioning_column"):
+        column = getattr(cfg, key, None)
+        if column is not None and column not in dataset.column_names:
             available = ", ".join(dataset.column_names)
             raise DataError(f"data.{key}: '{column}' not in {where}; available columns: {available}")
-    return _hf_records(dataset, cfg.image_column, cfg.caption_column, root, f"{name}[{split}]")
+    return _hf_records(dataset, cfg, root, f"{name}[{split}]")
 
 
 def load_dataset_args(name: str, split: str) -> tuple[Any, ...]:
@@ -83,34 +58,56 @@ def load_hf_dataset(name: str, split: str) -> tuple[Any, Path | None]:
     return loaded, (local if local.is_dir() else None)
 
 
-def _hf_records(
-    dataset: Any, image_column: str, caption_column: str, root: Path | None, prefix: str
-) -> ScanResult:
+def _hf_records(dataset: Any, cfg: Any, root: Path | None, prefix: str) -> ScanResult:
     import datasets
 
-    image_feature, caption_feature = dataset.features[image_column], dataset.features[caption_column]
+    caption_feature = dataset.features[cfg.caption_column]
     if not (isinstance(caption_feature, datasets.Value) and "string" in caption_feature.dtype):
-        raise DataError(f"data.caption_column: '{caption_column}' holds {caption_feature}, expected text")
-    captions = [" ".join(c.split()) if c is not None else None for c in dataset[caption_column]]
-    if isinstance(image_feature, datasets.Image) or (
-        isinstance(image_feature, datasets.Value) and "binary" in image_feature.dtype
-    ):
-        return ScanResult(list(DatasetRows(dataset, image_column, captions, prefix)))
-    if not (isinstance(image_feature, datasets.Value) and "string" in image_feature.dtype):
-        raise DataError(
-            f"data.image_column: '{image_column}' holds {image_feature}, expected images or file paths"
-        )
-    # A column of file paths: relative ones resolve inside the dataset folder and may not leave it.
-    # Absolute ones are accepted, as datasets' own Image feature accepts them.
+        raise DataError(f"data.caption_column: '{cfg.caption_column}' holds {caption_feature}, expected text")
+    captions = [" ".join(c.split()) if c is not None else None for c in dataset[cfg.caption_column]]
+    images = _column_images(dataset, cfg.image_column, "image_column", root, prefix)
+    conditioning = cfg.conditioning_column
+    conditions = (
+        _column_images(dataset, conditioning, "conditioning_column", root, prefix) if conditioning else None
+    )
     result = ScanResult(records=[])
-    for index, (value, caption) in enumerate(zip(dataset[image_column], captions, strict=True)):
+    for index, (image, caption) in enumerate(zip(images, captions, strict=True)):
         key = f"{prefix}#{index}"
+        condition = conditions[index] if conditions is not None else None
+        if isinstance(image, str) or isinstance(condition, str):
+            why = image if isinstance(image, str) else f"conditioning image: {condition}"
+            result.skipped.append(Skipped(key, why))
+            continue
+        result.records.append(ImageRecord(key, caption, image, conditioning=condition))
+    return result
+
+
+def _column_images(dataset: Any, column: str, key: str, root: Path | None, prefix: str) -> list[Any]:
+    """A loader per row of an image column (embedded images or file paths), or why that row has none."""
+    import datasets
+
+    feature = dataset.features[column]
+    if isinstance(feature, datasets.Image) or (
+        isinstance(feature, datasets.Value) and "binary" in feature.dtype
+    ):
+        raw = dataset.select_columns([column])
+        if isinstance(feature, datasets.Image):
+            # Raw bytes/path, decoded by us: the same safe decoding and checks as image files.
+            raw = raw.cast_column(column, datasets.Image(decode=False))
+        return [DatasetImage(raw, column, index, f"{prefix}#{index}") for index in range(len(raw))]
+    if not (isinstance(feature, datasets.Value) and "string" in feature.dtype):
+        raise DataError(f"data.{key}: '{column}' holds {feature}, expected images or file paths")
+    # File paths: relative ones resolve inside the dataset folder and may not leave it. Absolute
+    # ones are accepted, as datasets' own Image feature accepts them.
+    loaders: list[Any] = []
+    for value in dataset[column]:
         if not value:
-            result.skipped.append(Skipped(key, f"empty '{image_column}'"))
+            loaders.append(f"empty '{column}'")
             continue
         path, reason = (Path(value), "") if Path(value).is_absolute() else resolve_inside(root, value)
-        if path is None or not path.is_file():
-            result.skipped.append(Skipped(f"{value} ({key})", reason or "file not found"))
-            continue
-        result.records.append(ImageRecord(key, caption, FileImage(path)))
-    return result
+        loaders.append(
+            FileImage(path)
+            if path is not None and path.is_file()
+            else f"{value}: {reason or 'file not found'}"
+        )
+    return loaders

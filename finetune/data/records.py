@@ -39,6 +39,7 @@ class ImageRecord:
     # fractional; the sampler draws the remainder).
     repeats: float = 1.0
     size: tuple[int, int] | None = None  # (width, height) once screened, after EXIF rotation
+    conditioning: ImageSource | None = None  # ControlNet: the image's conditioning image, when read
 
     def with_(self, **changes: Any) -> ImageRecord:
         return replace(self, **changes)

@@ -90,12 +90,31 @@ def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tupl
                 "(data.upscale_small=false)",
             )
         fixes.append(f"upscaled: {width} x {height} is smaller than its target {target_w} x {target_h}")
+    if record.conditioning is not None and (why := _misaligned(record, width, height)):
+        return Skipped(record.key, why)
     if verify:
         try:
             record.load()
+            if record.conditioning is not None:
+                record.conditioning()
         except ImageDecodeError as error:
             return Skipped(record.key, str(error))
     return (width, height), fixes
+
+
+def _misaligned(record: ImageRecord, width: int, height: int) -> str | None:
+    """Why a record's conditioning image cannot be paired with it (unreadable, other shape), or None."""
+    assert record.conditioning is not None
+    try:
+        with record.conditioning.header() as image:
+            cond_w, cond_h = image.size
+            if _orientation(image) in _QUARTER_TURNS:
+                cond_w, cond_h = cond_h, cond_w
+    except ImageDecodeError as error:
+        return f"conditioning image: {error}"
+    if abs(cond_w / cond_h - width / height) > 0.01 * (width / height):
+        return f"conditioning image is {cond_w} x {cond_h}, another shape than the image ({width} x {height})"
+    return None
 
 
 def _orientation(image: Image.Image) -> int | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf.errors import MissingMandatoryValue
 
-from finetune.data.folder import scan_folder
+from finetune.data.folder import attach_parallel_conditioning, scan_folder
 from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.data.records import ScanResult, Skipped
 from finetune.errors import DataError
@@ -56,14 +56,19 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
 def _scan_source(cfg: Any) -> ScanResult:
     source = config_value(cfg, "source")
     if source == "folder":
-        return scan_folder(
-            _folder_root(cfg), list(cfg.caption_extensions), cfg.file_column, cfg.caption_column
+        root = _folder_root(cfg)
+        found = scan_folder(
+            root, list(cfg.caption_extensions), cfg.file_column, cfg.caption_column, cfg.conditioning_column
         )
-    if source == "hf":
+    elif source == "hf":
         from finetune.data.hf import find_in_hf
 
-        return find_in_hf(cfg)
-    raise DataError(f"data.source: '{source}' is not one of {', '.join(SOURCES)}")
+        found = find_in_hf(cfg)
+    else:
+        raise DataError(f"data.source: '{source}' is not one of {', '.join(SOURCES)}")
+    if cfg.conditioning_path:
+        attach_parallel_conditioning(found, Path(str(cfg.conditioning_path)).expanduser())
+    return found
 
 
 def _folder_root(cfg: Any) -> Path:

@@ -26,6 +26,16 @@ class Method(Protocol):
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         """Modules whose `requires_grad` parameters train."""
 
+    def denoise(
+        self,
+        components: Components,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """The model's prediction for the noisy latents (ControlNet adds its residuals here)."""
+
     def callbacks(self) -> list[L.Callback]:
         """Lightning callbacks the method needs (e.g. an EMA update)."""
 
@@ -39,12 +49,24 @@ class Method(Protocol):
         """Write files other tools load under `run_dir`; returns name → path."""
 
 
+def unet_denoise(
+    components: Components,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+) -> torch.Tensor:
+    """The plain U-Net prediction: `denoise` for methods that only change U-Net weights."""
+    return components.unet(noisy_latents, timesteps, text_embeddings, return_dict=False)[0]
+
+
 def build_method(cfg: Any) -> Method:
     """The method named by `cfg.name`, built from its config node."""
+    from finetune.methods.controlnet import ControlNetMethod
     from finetune.methods.full import FullMethod
     from finetune.methods.lora import LoraMethod
 
-    methods = {"lora": LoraMethod, "full": FullMethod}
+    methods = {"lora": LoraMethod, "full": FullMethod, "controlnet": ControlNetMethod}
     if cfg.name not in methods:
         raise ConfigError(f"method.name: unknown method '{cfg.name}' — choose one of {', '.join(methods)}")
     return methods[cfg.name](cfg)

@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from finetune.config import FullMethodConfig
 from finetune.export import ExportExistsError
+from finetune.methods import unet_denoise
 from finetune.models import Components
 
 
@@ -46,6 +47,7 @@ class FullMethod:
     """All U-Net weights train in float32; samples and exports use the EMA weights."""
 
     name = "full"
+    denoise = staticmethod(unet_denoise)
 
     def __init__(self, cfg: FullMethodConfig) -> None:
         self.cfg = cfg

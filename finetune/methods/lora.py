@@ -11,6 +11,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 
 from finetune.config import LoraMethodConfig
+from finetune.methods import unet_denoise
 from finetune.models import Components
 
 
@@ -40,6 +41,7 @@ class LoraMethod:
     """`method=lora`: LoRA on the U-Net, optionally on the text encoder too."""
 
     name = "lora"
+    denoise = staticmethod(unet_denoise)
 
     def __init__(self, cfg: LoraMethodConfig) -> None:
         self.cfg = cfg
