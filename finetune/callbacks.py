@@ -15,6 +15,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
 )
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -52,9 +53,9 @@ def sampler_from(noise_scheduler: Any, name: str | None) -> Any:
 
 
 def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffusionPipeline:
-    """A pipeline that shares the module's live weights (no copies)."""
+    """A pipeline that shares the module's live weights (no copies); with the ControlNet if one trains."""
     parts = module.components
-    pipe = StableDiffusionPipeline(
+    common = dict(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
         tokenizer=parts.tokenizer,
@@ -64,30 +65,56 @@ def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffu
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    if parts.controlnet is not None:
+        pipe = StableDiffusionControlNetPipeline(controlnet=parts.controlnet, **common)
+    else:
+        pipe = StableDiffusionPipeline(**common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @torch.no_grad()
-def generate_grid(pipe: StableDiffusionPipeline, cfg: ValidationConfig, resolution: int) -> torch.Tensor:
-    """One row per prompt, `images_per_prompt` columns, fixed seeds → a [3, H, W] grid in [0, 1]."""
-    images = []
-    for prompt in cfg.prompts:
-        generators = [
-            torch.Generator(device="cpu").manual_seed(cfg.seed + i) for i in range(cfg.images_per_prompt)
-        ]
+def generate_grid(
+    pipe: StableDiffusionPipeline,
+    cfg: ValidationConfig,
+    resolution: int,
+    conditions: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One row per prompt, `images_per_prompt` columns, fixed seeds → a [3, H, W] grid in [0, 1].
+
+    With ControlNet `conditions` ([3, H, W] in [0, 1]; prompt i uses condition i, cycling), each row
+    starts with its conditioning image.
+    """
+    images, count = [], cfg.images_per_prompt
+    for number, prompt in enumerate(cfg.prompts):
+        generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + i) for i in range(count)]
+        extra = {}
+        if conditions:
+            condition = conditions[number % len(conditions)].float().cpu()
+            extra["image"] = condition[None].repeat(count, 1, 1, 1)
+            images.append(condition[None])
         out = pipe(
-            [prompt] * cfg.images_per_prompt,
-            negative_prompt=[cfg.negative_prompt] * cfg.images_per_prompt if cfg.negative_prompt else None,
+            [prompt] * count,
+            negative_prompt=[cfg.negative_prompt] * count if cfg.negative_prompt else None,
             num_inference_steps=cfg.num_inference_steps,
             guidance_scale=cfg.guidance_scale,
             height=resolution,
             width=resolution,
             generator=generators,
             output_type="pt",
+            **extra,
         )
         images.append(out.images.float().cpu())
-    return make_grid(enlarge(torch.cat(images)), nrow=cfg.images_per_prompt, padding=2, pad_value=1.0)
+    columns = count + (1 if conditions else 0)
+    return make_grid(enlarge(torch.cat(images)), nrow=columns, padding=2, pad_value=1.0)
+
+
+def validation_conditions(trainer: L.Trainer, count: int) -> list[torch.Tensor]:
+    """Conditioning images for ControlNet samples: those of the first training samples (fixed)."""
+    dataset = getattr(trainer.datamodule, "dataset", None)
+    if dataset is None or not hasattr(dataset, "records") or not len(dataset):
+        return []
+    return [dataset[(i % len(dataset), 0)]["conditioning_pixel_values"] for i in range(count)]
 
 
 def enlarge(images: torch.Tensor) -> torch.Tensor:
@@ -181,7 +208,10 @@ class SampleGrid(L.Callback):
                 module.method.inference_weights(),
             ):
                 pipe = pipeline_from(module, self.cfg.scheduler)
-                grid = generate_grid(pipe, self.cfg, self.resolution)
+                conditions = None
+                if module.controlnet is not None:
+                    conditions = validation_conditions(trainer, len(self.cfg.prompts))
+                grid = generate_grid(pipe, self.cfg, self.resolution, conditions)
         finally:
             for submodule, training in modes.items():
                 submodule.training = training

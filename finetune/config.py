@@ -244,6 +244,17 @@ def check_config(cfg: Any) -> None:
         if value not in allowed:
             words = ", ".join(str(a) for a in allowed if a is not None)
             raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
+        data = cfg.data
+        if not (data.conditioning or data.conditioning_path or data.conditioning_column):
+            raise ConfigError(
+                "method=controlnet needs conditioning images: data.conditioning=canny, "
+                "data.conditioning_path=<folder> or data.conditioning_column=<column>"
+            )
+        if data.streaming:
+            raise ConfigError(
+                "data.streaming: not available with method=controlnet — set data.streaming=false"
+            )
     if OmegaConf.select(cfg, "data.streaming", default=False):
         from finetune.data.streaming import check_streaming
 

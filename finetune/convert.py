@@ -62,28 +62,7 @@ class SDComponents(Protocol):
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """U-Net weights under their original names (without the `model.diffusion_model.` prefix)."""
-    rules: list[Rule] = [
-        ("conv_in", "input_blocks.0.0", {}),
-        ("time_embedding.linear_1", "time_embed.0", {}),
-        ("time_embedding.linear_2", "time_embed.2", {}),
-        ("conv_norm_out", "out.0", {}),
-        ("conv_out", "out.2", {}),
-    ]
-    # The original U-Net is a flat list of steps: one per resnet (with its attention, if any), then
-    # one per downsampler; entry 0 is `conv_in`.
-    index = 1
-    for b, block in enumerate(unet.down_blocks):
-        for j in range(len(block.resnets)):
-            rules.append((f"down_blocks.{b}.resnets.{j}", f"input_blocks.{index}.0", _UNET_RESNET))
-            rules.append((f"down_blocks.{b}.attentions.{j}", f"input_blocks.{index}.1", {}))
-            index += 1
-        if block.downsamplers is not None:
-            rules.append((f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{index}.0.op", {}))
-            index += 1
-    if unet.mid_block is not None:  # resnet, attention, resnet
-        for k in range(len(unet.mid_block.resnets)):
-            rules.append((f"mid_block.resnets.{k}", f"middle_block.{2 * k}", _UNET_RESNET))
-            rules.append((f"mid_block.attentions.{k}", f"middle_block.{2 * k + 1}", {}))
+    rules = encoder_rules(unet) + [("conv_norm_out", "out.0", {}), ("conv_out", "out.2", {})]
     index = 0
     for b, block in enumerate(unet.up_blocks):
         for j in range(len(block.resnets)):
@@ -94,7 +73,34 @@ def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
             # The upsampler joins the block's last step, after its attention when there is one.
             slot = 2 if hasattr(block, "attentions") else 1
             rules.append((f"up_blocks.{b}.upsamplers.0.conv", f"output_blocks.{index - 1}.{slot}.conv", {}))
-    return _rename(_weights(unet), rules, "U-Net")
+    return rename(unfused_weights(unet), rules, "U-Net")
+
+
+def encoder_rules(model: torch.nn.Module) -> list[Rule]:
+    """Renames for the parts a U-Net and a ControlNet share: time embedding, input and middle blocks.
+
+    The original model is a flat list of steps: one per resnet (with its attention, if any), then
+    one per downsampler; entry 0 is `conv_in`.
+    """
+    rules: list[Rule] = [
+        ("conv_in", "input_blocks.0.0", {}),
+        ("time_embedding.linear_1", "time_embed.0", {}),
+        ("time_embedding.linear_2", "time_embed.2", {}),
+    ]
+    index = 1
+    for b, block in enumerate(model.down_blocks):
+        for j in range(len(block.resnets)):
+            rules.append((f"down_blocks.{b}.resnets.{j}", f"input_blocks.{index}.0", _UNET_RESNET))
+            rules.append((f"down_blocks.{b}.attentions.{j}", f"input_blocks.{index}.1", {}))
+            index += 1
+        if block.downsamplers is not None:
+            rules.append((f"down_blocks.{b}.downsamplers.0.conv", f"input_blocks.{index}.0.op", {}))
+            index += 1
+    if model.mid_block is not None:  # resnet, attention, resnet
+        for k in range(len(model.mid_block.resnets)):
+            rules.append((f"mid_block.resnets.{k}", f"middle_block.{2 * k}", _UNET_RESNET))
+            rules.append((f"mid_block.attentions.{k}", f"middle_block.{2 * k + 1}", {}))
+    return rules
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
@@ -119,7 +125,7 @@ def vae_to_ldm(vae: AutoencoderKL) -> dict[str, torch.Tensor]:
         for j in range(len(block.resnets)):
             rules.append((f"{ours}.resnets.{j}", f"{theirs}.block.{j}", _VAE_RESNET))
         rules.append((f"{ours}.upsamplers.0.conv", f"{theirs}.upsample.conv", {}))
-    converted = _rename(_weights(vae), rules, "VAE")
+    converted = rename(unfused_weights(vae), rules, "VAE")
     # The original mid-block attention uses 1x1 convolutions where diffusers uses linear layers.
     for key, value in converted.items():
         if ".mid.attn_1." in key and key.endswith(".weight") and value.ndim == 2:
@@ -134,7 +140,7 @@ def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, torch.Tensor]:
     SD 2.x's OpenCLIP (gelu) goes back to OpenCLIP's names with q/k/v fused.
     """
     # transformers >= 5.6 flattened CLIPTextModel (no `text_model.`); older versions nest it.
-    weights = {k.removeprefix("text_model."): v for k, v in _weights(text_encoder).items()}
+    weights = {k.removeprefix("text_model."): v for k, v in unfused_weights(text_encoder).items()}
     weights.pop("embeddings.position_ids", None)  # a constant buffer, persistent only in old versions
     if text_encoder.config.hidden_act != "gelu":
         return {f"transformer.text_model.{k}": v for k, v in weights.items()}
@@ -187,7 +193,7 @@ def save_single_file(
     return path
 
 
-def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def unfused_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     # Injected adapters would be renamed along with their layer and land in the file unnoticed.
     adapters = [key for key in state if ".base_layer." in key or ".lora_" in key]
@@ -199,7 +205,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _rename(weights: dict[str, torch.Tensor], rules: list[Rule], what: str) -> dict[str, torch.Tensor]:
+def rename(weights: dict[str, torch.Tensor], rules: list[Rule], what: str) -> dict[str, torch.Tensor]:
     """Rename every key by its longest matching module rule; a key no rule covers is an error."""
     ordered = sorted(rules, key=lambda rule: len(rule[0]), reverse=True)
     converted: dict[str, torch.Tensor] = {}
