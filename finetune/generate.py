@@ -5,9 +5,11 @@ finetune-generate model=sd15 adapter=outputs/<run>/adapter prompt="a castle, mys
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig, ListConfig
@@ -44,6 +46,63 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
+def load_controlnet(source: str, config: str | None, dtype: Any) -> Any:
+    """A ControlNet from a folder / hub id, or a single file (original or diffusers layout)."""
+    from diffusers import ControlNetModel
+
+    from finetune.convert_controlnet import load_controlnet_file
+
+    path = Path(source).expanduser()
+    if path.suffix != ".safetensors":
+        return ControlNetModel.from_pretrained(source, torch_dtype=dtype)
+    if not path.is_file():
+        raise ConfigError(f"controlnet: '{path}' does not exist")
+    folder = Path(config).expanduser() if config else path.parent / "controlnet"
+    if (folder / "config.json").is_file():
+        return load_controlnet_file(path, folder).to(dtype)
+    try:  # an SD-shaped ControlNet from elsewhere: diffusers knows its config
+        return ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
+    except Exception as error:  # diffusers raises many kinds (config lookup, shapes)
+        raise ConfigError(
+            f"controlnet: cannot read '{path}' ({error}); give controlnet_config=<folder with config.json>"
+        ) from error
+
+
+def with_controlnet(pipe: Any, controlnet: Any) -> Any:
+    from diffusers import StableDiffusionControlNetPipeline
+
+    controlled = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    controlled.set_progress_bar_config(disable=True)
+    return controlled
+
+
+def control_images(cfg: DictConfig) -> list[tuple[str, Any]]:
+    """(name, image) for `control_image` (a file or a folder), fitted to the output size and, with a
+    `preprocessor`, turned into its conditioning image (e.g. a photo into its edges)."""
+    from finetune.data.buckets import choose_crop, fit_to
+    from finetune.data.conditioning import preprocessor
+    from finetune.data.images import IMAGE_EXTENSIONS, open_image
+
+    if not cfg.control_image:
+        raise ConfigError("control_image: a ControlNet needs a conditioning image (a file or a folder)")
+    source = Path(cfg.control_image).expanduser()
+    if source.is_dir():
+        files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    else:
+        files = [source] if source.is_file() else []
+    if not files:
+        raise ConfigError(f"control_image: no image at '{source}'")
+    size = (int(cfg.width), int(cfg.height))
+    out = []
+    for file in files:
+        image = open_image(file)
+        image = fit_to(image, size, choose_crop(image.width, image.height, size, False), False).image
+        if cfg.preprocessor:
+            image = preprocessor(cfg.preprocessor)(image, cfg)
+        out.append((_slug(file.stem), image))
+    return out
+
+
 def generate(cfg: DictConfig) -> list[Path]:
     """Generate `count` images per prompt; returns the PNG paths (existing files are never replaced)."""
     import torch
@@ -64,13 +123,22 @@ def generate(cfg: DictConfig) -> list[Path]:
             )
         pipe.load_lora_weights(str(adapter))
         extra["cross_attention_kwargs"] = {"scale": float(cfg.adapter_scale)}
+    controls: list[tuple[str, object]] = [("", None)]
+    if cfg.controlnet:
+        pipe = with_controlnet(pipe, load_controlnet(cfg.controlnet, cfg.controlnet_config, dtype))
+        controls = control_images(cfg)
+        extra["controlnet_conditioning_scale"] = float(cfg.controlnet_scale)
+    elif cfg.control_image:
+        raise ConfigError("control_image: set controlnet=<folder or file> to use it")
     pipe.to(device)
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for p_index, prompt in enumerate(prompts):
+    for (control_name, control), (p_index, prompt) in itertools.product(controls, enumerate(prompts)):
         generators = [torch.Generator("cpu").manual_seed(cfg.seed + i) for i in range(cfg.count)]
+        if control is not None:
+            extra["image"] = [control] * cfg.count
         images = pipe(
             [prompt] * cfg.count,
             negative_prompt=[cfg.negative_prompt] * cfg.count if cfg.negative_prompt else None,
@@ -82,7 +150,8 @@ def generate(cfg: DictConfig) -> list[Path]:
             **extra,
         ).images
         for i, image in enumerate(images):
-            path = out_dir / f"{p_index:02d}_{_slug(prompt)}_seed{cfg.seed + i}.png"
+            name = f"{control_name}_" if control_name else ""
+            path = out_dir / f"{name}{p_index:02d}_{_slug(prompt)}_seed{cfg.seed + i}.png"
             if path.exists():
                 raise FinetuneError(f"{path} already exists — choose another out_dir")
             save_png(image, path)

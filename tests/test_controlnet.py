@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import compose_config, fast_overrides
+from conftest import CONF_DIR, REPO, compose_config, fast_overrides
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, UNet2DConditionModel
 from PIL import Image
 from safetensors import safe_open
 
+from finetune.config import ModelConfig
 from finetune.convert_controlnet import PREFIX, controlnet_to_ldm, load_controlnet_file, save_controlnet_file
+from finetune.data.conditioning import canny
 from finetune.errors import ConfigError
+from finetune.evaluation_control import control_scenes, placement_iou
+from finetune.generate import generate, with_controlnet
 from finetune.methods.controlnet import embedding_channels
+from finetune.models import load_pipeline
 from finetune.train import train
 
 
@@ -116,3 +122,84 @@ def test_controlnet_without_conditioning_images_fails_at_config_time(tiny_model,
     overrides = fast_overrides(tiny_model, tmp_path, steps=1) + ["method=controlnet"]
     with pytest.raises(ConfigError, match="method=controlnet needs conditioning images"):
         train(compose_config(overrides))
+
+
+def _generate_config(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="generate", overrides=overrides)
+
+
+@pytest.mark.parametrize("which", ["folder", "single_file"])
+def test_generate_with_the_controlnet_and_a_photo_made_into_edges(
+    controlnet_run, tiny_model, tmp_path, which
+):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name, colour in (("sun", (250, 200, 0)), ("sea", (0, 60, 200))):
+        photo = Image.new("RGB", (64, 48), colour)
+        photo.paste((255, 255, 255), (20, 10, 44, 38))
+        photo.save(photos / f"{name}.jpg")
+    run_dir = controlnet_run.run_dir
+    controlnet = run_dir / "controlnet" if which == "folder" else run_dir / "controlnet.safetensors"
+    overrides = [
+        f"model.pretrained={tiny_model}",
+        f"controlnet={controlnet}",
+        f"control_image={photos}",
+        "preprocessor=canny",
+        "prompt=[a red circle]",
+        "count=1",
+        "steps=2",
+        f"out_dir={tmp_path / 'out'}",
+    ]
+    written = generate(_generate_config(overrides))
+    assert sorted(p.name for p in written) == [
+        "sea_00_a-red-circle_seed0.png",
+        "sun_00_a-red-circle_seed0.png",
+    ]
+    assert Image.open(written[0]).size == (32, 32)
+
+
+def test_generate_refuses_a_control_image_without_a_controlnet(tiny_model, tmp_path):
+    overrides = [f"model.pretrained={tiny_model}", f"control_image={tmp_path}", f"out_dir={tmp_path / 'o'}"]
+    with pytest.raises(ConfigError, match="control_image: set controlnet"):
+        generate(_generate_config(overrides))
+
+
+@pytest.mark.slow
+def test_a_short_canny_run_places_objects_where_the_edges_say(tmp_path):
+    """The recipe on the shipped model: samples follow the condition better than with a blank one."""
+    overrides = ["experiment=controlnet_canny", f"run_dir={tmp_path}"]  # 400 steps
+    overrides += ["validation.every_n_steps=0", "validation.prompts=[]", "logger=none"]
+    result = train(compose_config(overrides))
+
+    base = load_pipeline(ModelConfig(pretrained=str(REPO / "data" / "tiny-sd"), resolution=32))
+    pipe = with_controlnet(base, ControlNetModel.from_pretrained(result.run_dir / "controlnet"))
+    thresholds = SimpleNamespace(canny_low=100, canny_high=200)
+    iou = placement_iou(pipe, control_scenes(16, seed=1000), lambda s: canny(s, thresholds), steps=20)
+    assert iou["with_condition"] > iou["blank_condition"] + 0.1, iou
+
+
+def test_lora_on_the_controlnet_and_the_unet_exports_fused_controlnet_and_adapter(tiny_model, tmp_path):
+    overrides = fast_overrides(tiny_model, tmp_path, steps=2) + [
+        "method=controlnet",
+        "method.lora_rank=4",
+        "method.unet_lora_rank=4",
+        "data.conditioning=canny",
+        "optim.lr=1e-2",
+    ]
+    result = train(compose_config(overrides))
+    trainable = {n for n, p in result.module.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name for name in trainable)  # only adapters train
+    assert any(n.startswith("controlnet.") for n in trainable) and any(
+        n.startswith("unet.") for n in trainable
+    )
+    exported = ControlNetModel.from_pretrained(tmp_path / "controlnet")
+    assert not any("lora" in key for key in exported.state_dict())  # fused into plain weights
+    inputs = _inputs(exported)
+    for ours, theirs in zip(
+        _residuals(result.module.controlnet.eval(), inputs), _residuals(exported, inputs)
+    ):
+        assert torch.allclose(ours, theirs, atol=1e-5)
+    assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
