@@ -198,8 +198,7 @@ def test_lora_on_the_controlnet_and_the_unet_exports_fused_controlnet_and_adapte
     exported = ControlNetModel.from_pretrained(tmp_path / "controlnet")
     assert not any("lora" in key for key in exported.state_dict())  # fused into plain weights
     inputs = _inputs(exported)
-    for ours, theirs in zip(
-        _residuals(result.module.controlnet.eval(), inputs), _residuals(exported, inputs)
-    ):
+    trained = _residuals(result.module.controlnet.eval(), inputs)
+    for ours, theirs in zip(trained, _residuals(exported, inputs), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
