@@ -202,3 +202,25 @@ def test_lora_on_the_controlnet_and_the_unet_exports_fused_controlnet_and_adapte
     for ours, theirs in zip(trained, _residuals(exported, inputs), strict=True):
         assert torch.allclose(ours, theirs, atol=1e-5)
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_controlnet_resumes_in_bf16_with_cached_latents(tiny_model, tmp_path):
+    common = [
+        "method=controlnet",
+        "data.conditioning=canny",
+        "trainer.precision=bf16-mixed",
+        "data.cache=memory",
+    ]
+    first = train(compose_config(fast_overrides(tiny_model, tmp_path / "a", steps=2) + common))
+    checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert saved and all(key.startswith("controlnet.") for key in saved)  # only what trains
+    # Resumed with nothing left to train, the ControlNet is exactly the one the first run ended with.
+    overrides = fast_overrides(tiny_model, tmp_path / "b", steps=2) + common + [f"resume={checkpoint}"]
+    resumed = train(compose_config(overrides))
+    assert resumed.global_step == 2
+    assert resumed.module.controlnet.dtype == torch.float32  # trains in fp32 under bf16 autocast
+    restored = resumed.module.controlnet.state_dict()
+    for name, value in first.module.controlnet.state_dict().items():
+        assert torch.equal(restored[name], value), name

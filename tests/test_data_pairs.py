@@ -102,3 +102,26 @@ def test_canny_preprocessor_gives_edges_of_the_fitted_image(tmp_path, tokenizer)
         CaptionedImageDataModule(
             DataConfig(path=str(root), resolution=32, conditioning="depthh"), tokenizer
         ).setup()
+
+
+def test_fill50k_layout_hf_dataset_with_a_conditioning_column(tmp_path, tokenizer):
+    import datasets
+
+    features = datasets.Features(
+        {"image": datasets.Image(), "conditioning_image": datasets.Image(), "text": datasets.Value("string")}
+    )
+    rows = {
+        "image": [gradient(64, 32), gradient(64, 32)],
+        "conditioning_image": [gradient(64, 32), Image.new("RGB", (10, 40))],  # the second is misaligned
+        "text": ["a pair", "another"],
+    }
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "fill"))
+    cfg = DataConfig(
+        source="hf", name=str(tmp_path / "fill"), conditioning_column="conditioning_image", resolution=32
+    )
+    module = CaptionedImageDataModule(cfg, tokenizer, seed=0)
+    assert module.scan() == 1
+    assert "another shape" in module.scan_result.skipped[0].reason
+    module.setup("fit")
+    sample = module.dataset[(0, 3)]
+    assert torch.allclose(sample["conditioning_pixel_values"], (sample["pixel_values"] + 1) / 2, atol=0.04)
