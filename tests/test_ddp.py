@@ -14,13 +14,21 @@ import pytest
 from conftest import REPO, STYLE_DATA
 from safetensors.torch import load_file
 
+# method -> (extra overrides, a weight that starts at zero and must have trained, the export)
+METHODS = {
+    "lora": ([], "lora_B", "adapter/pytorch_lora_weights.safetensors"),
+    "controlnet": (["method=controlnet", "data.conditioning=canny"], "controlnet_mid_block", "controlnet"),
+}
+
 
 @pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
 def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, method: str
 ) -> None:
+    extra, zero_init, export = METHODS[method]
     run_dir, dumps = tmp_path / "run", tmp_path / "dumps"
-    args = [
+    args = extra + [
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
@@ -58,7 +66,7 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
     assert rank0.keys() == rank1.keys() and rank0
     for name in rank0:
         assert rank0[name].equal(rank1[name]), name  # same weights after every averaged step
-    assert any(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name)  # and they did train
+    assert any(rank0[name].abs().sum() > 0 for name in rank0 if zero_init in name)  # and they did train
 
     assert re.search(r"data.cache=memory: \d+ entries computed", done.stderr + done.stdout)
     # Each rank trained on its own share: 3 steps x 2 images per rank, no image on both ranks.
@@ -68,7 +76,7 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
     # Files are written once, by rank 0: one TensorBoard event file, one export, one checkpoint set.
     assert len(list(run_dir.rglob("events.out.tfevents.*"))) == 1
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step_000003.ckpt"]
-    assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run_dir / export).exists()
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         "before_after.png",
         "step_000000.png",
