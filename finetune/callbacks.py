@@ -20,7 +20,7 @@ from diffusers import (
 )
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from torchvision.transforms.functional import to_pil_image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
 
 from finetune.config import ValidationConfig
@@ -109,12 +109,28 @@ def generate_grid(
     return make_grid(enlarge(torch.cat(images)), nrow=columns, padding=2, pad_value=1.0)
 
 
-def validation_conditions(trainer: L.Trainer, count: int) -> list[torch.Tensor]:
-    """Conditioning images for ControlNet samples: those of the first training samples (fixed)."""
+def validation_conditions(trainer: L.Trainer, cfg: ValidationConfig, resolution: int) -> list[torch.Tensor]:
+    """[3, H, W] conditioning images in [0, 1] for ControlNet samples: `validation.conditioning_images`
+    (put through the data's preprocessor, e.g. canny, if it has one), else those of the first
+    training samples."""
+    from finetune.data.buckets import choose_crop, fit_to
+    from finetune.data.conditioning import preprocessor
+    from finetune.data.images import open_image
+
+    if cfg.conditioning_images:
+        data_cfg, size = trainer.datamodule.cfg, (resolution, resolution)
+        conditions = []
+        for path in cfg.conditioning_images:
+            image = open_image(Path(path).expanduser())
+            image = fit_to(image, size, choose_crop(image.width, image.height, size, False), False).image
+            if data_cfg.conditioning:
+                image = preprocessor(data_cfg.conditioning)(image, data_cfg)
+            conditions.append(pil_to_tensor(image).float() / 255)
+        return conditions
     dataset = getattr(trainer.datamodule, "dataset", None)
     if dataset is None or not hasattr(dataset, "records") or not len(dataset):
         return []
-    return [dataset[(i % len(dataset), 0)]["conditioning_pixel_values"] for i in range(count)]
+    return [dataset[(i % len(dataset), 0)]["conditioning_pixel_values"] for i in range(len(cfg.prompts))]
 
 
 def enlarge(images: torch.Tensor) -> torch.Tensor:
@@ -210,7 +226,7 @@ class SampleGrid(L.Callback):
                 pipe = pipeline_from(module, self.cfg.scheduler)
                 conditions = None
                 if module.controlnet is not None:
-                    conditions = validation_conditions(trainer, len(self.cfg.prompts))
+                    conditions = validation_conditions(trainer, self.cfg, self.resolution)
                 grid = generate_grid(pipe, self.cfg, self.resolution, conditions)
         finally:
             for submodule, training in modes.items():

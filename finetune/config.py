@@ -176,6 +176,9 @@ class ValidationConfig:
     images_per_prompt: int = 1
     # Sampler for the validation images (the training noise schedule is unchanged).
     scheduler: str | None = "euler"
+    # ControlNet: conditioning images for the samples (prompt i uses image i, cycling); raw photos
+    # when data.conditioning names a preprocessor. Empty: those of the first training samples.
+    conditioning_images: list[str] = field(default_factory=list)
 
 
 @dataclass

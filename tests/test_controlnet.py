@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import CONF_DIR, REPO, compose_config, fast_overrides
@@ -224,3 +225,19 @@ def test_controlnet_resumes_in_bf16_with_cached_latents(tiny_model, tmp_path):
     restored = resumed.module.controlnet.state_dict()
     for name, value in first.module.controlnet.state_dict().items():
         assert torch.equal(restored[name], value), name
+
+
+def test_validation_conditioning_images_are_preprocessed_photos(tiny_model, tmp_path):
+    photo = Image.new("RGB", (64, 64), (30, 30, 30))
+    photo.paste((250, 250, 250), (16, 16, 48, 48))
+    photo.save(tmp_path / "photo.png")
+    overrides = fast_overrides(tiny_model, tmp_path / "run", steps=1) + [
+        "method=controlnet",
+        "data.conditioning=canny",
+        f"validation.conditioning_images=[{tmp_path / 'photo.png'}]",
+    ]
+    train(compose_config(overrides))
+    grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step_000001.png").convert("L"))
+    first_tile = grid[2:130, 2:130]  # the conditioning image, enlarged 4x: the square's edges
+    assert first_tile[0:20].max() == 0  # black above the square
+    assert first_tile[28:36, 28:100].max() == 255  # its top edge (y = 8 at 32 px)
