@@ -142,10 +142,10 @@ def prepare_cache(datamodule: Any, vae: Any, text_encoder: Any, strategy: Any = 
         "data.cache=%s: %d entries computed, %d reused%s", cfg.cache, cache.computed, cache.reused, where
     )
     if failed:
-        for _, skipped in failed:
+        dropped = dict(failed)  # one entry per image, though both its orientations failed
+        for skipped in dropped.values():
             log.warning("skipped %s while caching: %s", skipped.key, skipped.reason)
-        dropped = {index for index, _ in failed}
-        datamodule.drop(dropped, [skipped for _, skipped in failed])
+        datamodule.drop(set(dropped), list(dropped.values()))
         cache.latents = [entry for i, entry in enumerate(cache.latents) if i not in dropped]
     return cache
 

@@ -37,7 +37,8 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
         prefix = f"{number}:" if len(sources) > 1 else ""
         weight = float(source.weight)
         if weight <= 0:
-            raise DataError(f"data.sources[{number}].weight: {weight} must be above 0")
+            key = f"data.sources[{number}].weight" if sources else "data.weight"
+            raise DataError(f"{key}: {weight} must be above 0")
         found.records = [
             r.with_(key=prefix + r.key, repeats=r.repeats * weight) if prefix or weight != 1.0 else r
             for r in found.records
