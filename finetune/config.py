@@ -77,6 +77,7 @@ class ControlNetMethodConfig:
     name: str = "controlnet"
     # null: initialise from the base U-Net's encoder; else a hub id, folder or single file to continue.
     pretrained: str | None = None
+    pretrained_config: str | None = None  # a single file's architecture: a folder with its config.json
     conditioning_scale: float = 1.0
     lora_rank: int | None = None  # train a LoRA on the ControlNet instead of all its weights
     unet_lora_rank: int | None = None  # also train a LoRA on the base U-Net

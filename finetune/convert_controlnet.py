@@ -80,3 +80,31 @@ def _key_pairs(model: ControlNetModel) -> dict[str, str]:
     renamed = rename(keys, controlnet_rules(model), "ControlNet")
     # rename() keeps insertion order, so the n-th renamed key came from the n-th original key.
     return dict(zip(keys, renamed, strict=True))
+
+
+def read_controlnet(source: str, config: str | None = None, key: str = "controlnet") -> ControlNetModel:
+    """A ControlNet from a diffusers folder or hub id, or a single `.safetensors` file.
+
+    A single file in our layout needs its architecture: `config`, or the `controlnet/` folder that
+    training exports beside it. Otherwise diffusers' own single-file loader is tried (it knows SD's
+    ControlNet shapes). `key` names the setting in error messages.
+    """
+    from finetune.errors import ConfigError
+
+    path = Path(source).expanduser()
+    if path.suffix not in (".safetensors", ".ckpt", ".pth"):
+        try:
+            return ControlNetModel.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise ConfigError(f"{key}: cannot load a ControlNet from '{source}': {error}") from error
+    if not path.is_file():
+        raise ConfigError(f"{key}: '{path}' does not exist")
+    folder = Path(config).expanduser() if config else path.parent / "controlnet"
+    if (folder / "config.json").is_file():
+        return load_controlnet_file(path, folder)
+    try:
+        return ControlNetModel.from_single_file(str(path))
+    except Exception as error:  # diffusers raises many kinds (config lookup, shapes)
+        raise ConfigError(
+            f"{key}: cannot read '{path}' ({error}); name a folder with its config.json"
+        ) from error

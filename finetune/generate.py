@@ -46,28 +46,6 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
-def load_controlnet(source: str, config: str | None, dtype: Any) -> Any:
-    """A ControlNet from a folder / hub id, or a single file (original or diffusers layout)."""
-    from diffusers import ControlNetModel
-
-    from finetune.convert_controlnet import load_controlnet_file
-
-    path = Path(source).expanduser()
-    if path.suffix != ".safetensors":
-        return ControlNetModel.from_pretrained(source, torch_dtype=dtype)
-    if not path.is_file():
-        raise ConfigError(f"controlnet: '{path}' does not exist")
-    folder = Path(config).expanduser() if config else path.parent / "controlnet"
-    if (folder / "config.json").is_file():
-        return load_controlnet_file(path, folder).to(dtype)
-    try:  # an SD-shaped ControlNet from elsewhere: diffusers knows its config
-        return ControlNetModel.from_single_file(str(path), torch_dtype=dtype)
-    except Exception as error:  # diffusers raises many kinds (config lookup, shapes)
-        raise ConfigError(
-            f"controlnet: cannot read '{path}' ({error}); give controlnet_config=<folder with config.json>"
-        ) from error
-
-
 def with_controlnet(pipe: Any, controlnet: Any) -> Any:
     from diffusers import StableDiffusionControlNetPipeline
 
@@ -125,7 +103,10 @@ def generate(cfg: DictConfig) -> list[Path]:
         extra["cross_attention_kwargs"] = {"scale": float(cfg.adapter_scale)}
     controls: list[tuple[str, object]] = [("", None)]
     if cfg.controlnet:
-        pipe = with_controlnet(pipe, load_controlnet(cfg.controlnet, cfg.controlnet_config, dtype))
+        from finetune.convert_controlnet import read_controlnet
+
+        controlnet = read_controlnet(str(cfg.controlnet), cfg.controlnet_config).to(dtype)
+        pipe = with_controlnet(pipe, controlnet)
         controls = control_images(cfg)
         extra["controlnet_conditioning_scale"] = float(cfg.controlnet_scale)
     elif cfg.control_image:

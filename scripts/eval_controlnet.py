@@ -20,9 +20,9 @@ from types import SimpleNamespace  # noqa: E402
 from diffusers import StableDiffusionControlNetPipeline  # noqa: E402
 
 from finetune.callbacks import sampler_from  # noqa: E402
+from finetune.convert_controlnet import read_controlnet  # noqa: E402
 from finetune.data.conditioning import canny  # noqa: E402
 from finetune.evaluation_control import control_scenes, placement_iou  # noqa: E402
-from finetune.generate import load_controlnet  # noqa: E402
 
 
 def main() -> None:
@@ -35,11 +35,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000, help="scenes and samples (training used others)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    import torch
 
     pipe = StableDiffusionControlNetPipeline.from_pretrained(
         args.model,
-        controlnet=load_controlnet(args.controlnet, None, torch.float32),
+        controlnet=read_controlnet(args.controlnet),
         safety_checker=None,
         requires_safety_checker=False,
     )

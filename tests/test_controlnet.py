@@ -241,3 +241,20 @@ def test_validation_conditioning_images_are_preprocessed_photos(tiny_model, tmp_
     first_tile = grid[2:130, 2:130]  # the conditioning image, enlarged 4x: the square's edges
     assert first_tile[0:20].max() == 0  # black above the square
     assert first_tile[28:36, 28:100].max() == 255  # its top edge (y = 8 at 32 px)
+
+
+@pytest.mark.parametrize("which", ["controlnet", "controlnet.safetensors"])
+def test_method_pretrained_continues_from_an_exported_controlnet(controlnet_run, tiny_model, tmp_path, which):
+    from finetune.config import ControlNetMethodConfig
+    from finetune.methods.controlnet import ControlNetMethod
+    from finetune.models import load_components
+
+    components = load_components(ModelConfig(pretrained=str(tiny_model), resolution=32))
+    method = ControlNetMethod(ControlNetMethodConfig(pretrained=str(controlnet_run.run_dir / which)))
+    method.prepare(components)
+    trained = controlnet_run.module.controlnet.state_dict()
+    for name, value in components.controlnet.state_dict().items():
+        assert torch.equal(value, trained[name].cpu()), name
+    missing = ControlNetMethod(ControlNetMethodConfig(pretrained=str(tmp_path / "nothing.safetensors")))
+    with pytest.raises(ConfigError, match="method.pretrained: .* does not exist"):
+        missing.prepare(components)

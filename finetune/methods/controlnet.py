@@ -38,13 +38,9 @@ def load_controlnet(cfg: ControlNetMethodConfig, components: Components) -> Cont
     if cfg.pretrained is None:
         channels = embedding_channels(vae_factor(components))
         return ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=channels)
-    source = str(cfg.pretrained)
-    try:
-        if source.endswith((".safetensors", ".ckpt", ".pth")):
-            return ControlNetModel.from_single_file(source)
-        return ControlNetModel.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise ConfigError(f"method.pretrained: cannot load a ControlNet from '{source}': {error}") from error
+    from finetune.convert_controlnet import read_controlnet
+
+    return read_controlnet(str(cfg.pretrained), cfg.pretrained_config, key="method.pretrained")
 
 
 class ControlNetMethod:
