@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> RunResult:
     # Heavy imports after the config checks, so config mistakes are reported in a second or two.
     import lightning as L
 
+    from finetune.checkpoints import SafeCheckpointIO, resolve_resume
     from finetune.data import CaptionedImageDataModule
     from finetune.loggers import build_loggers, log_config
     from finetune.methods import build_method
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> RunResult:
     # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     run_dir = Path(cfg.run_dir)
+    checkpoint = resolve_resume(cfg.resume, run_dir)  # a wrong path fails here, before models load
     datamodule = CaptionedImageDataModule(cfg.data, seed=cfg.seed)
     num_images = datamodule.scan()  # data errors surface here, before any model loads
 
@@ -71,12 +73,13 @@ def train(cfg: DictConfig) -> RunResult:
     trainer_args["use_distributed_sampler"] = False
     trainer = L.Trainer(
         **trainer_args,
+        plugins=[SafeCheckpointIO(allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))],
         logger=loggers or False,
         # the method's callbacks (EMA) run before sampling, which then sees their result
         callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples],
     )
     log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
 
     result = RunResult(run_dir, trainer.global_step, module, samples=samples.saved)
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -1,0 +1,87 @@
+"""Checkpoint files: atomic writes, safe loading, and resume=auto finding the newest complete one."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config, fast_overrides
+
+from finetune.checkpoints import SafeCheckpointIO, latest_checkpoint
+from finetune.errors import ConfigError
+from finetune.train import train
+
+
+def test_a_save_interrupted_mid_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    io = SafeCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def dies_halfway(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt  # as if killed while writing
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert io.load_checkpoint(path)["global_step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temp file left behind
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_crafted_to_run_code_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": RunsCode()}, path, pickle_module=pickle)
+    with pytest.raises(ConfigError, match="allow_unsafe_pickle"):
+        SafeCheckpointIO().load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
+    io = SafeCheckpointIO()
+    for step in (1, 2):
+        io.save_checkpoint({"global_step": step}, tmp_path / f"step_{step}.ckpt")
+        os.utime(tmp_path / f"step_{step}.ckpt", (step, step))
+    (tmp_path / ".last.ckpt.abc.tmp").write_bytes(b"partial")  # an interrupted save's temp file
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")  # newest, but not complete
+    assert latest_checkpoint(tmp_path) == tmp_path / "step_2.ckpt"
+    assert latest_checkpoint(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_resume_auto_continues_a_crashed_run_in_its_own_folder(tiny_model, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = fast_overrides(tiny_model, run_dir, steps=4) + ["resume=auto"]
+
+    def seen(name: str) -> list[str]:
+        return ["+callbacks.seen._target_=helpers.SeenSamples", f"+callbacks.seen.out_dir={tmp_path / name}"]
+
+    crash = ["+callbacks.crash._target_=helpers.CrashAtStep", "+callbacks.crash.step=2"]
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(compose_config(overrides + crash + seen("first")))  # nothing to resume yet: from step 0
+    resumed = train(compose_config(overrides + seen("second")))
+    assert resumed.global_step == 4
+    batches = [len((tmp_path / name / "rank0.txt").read_text().splitlines()) for name in ("first", "second")]
+    assert batches == [2, 2]  # the second run trained only the steps the first had not
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step_000002.ckpt",
+        "step_000004.ckpt",
+    ]
+    assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_missing_resume_file_fails_before_any_model_loads(tmp_path):
+    overrides = fast_overrides(tmp_path / "no-model", tmp_path / "run") + [f"resume={tmp_path / 'nope.ckpt'}"]
+    with pytest.raises(ConfigError, match="resume: .* is not a checkpoint file"):
+        train(compose_config(overrides))
