@@ -15,7 +15,7 @@ from PIL import Image
 from finetune.clip_vocab import build_tokenizer
 from finetune.config import DataConfig
 from finetune.data import CaptionedImageDataModule
-from finetune.errors import ConfigError
+from finetune.errors import ConfigError, DataError
 from finetune.train import train
 
 
@@ -79,6 +79,8 @@ def test_streaming_refuses_what_it_cannot_do(tiny_model, tmp_path, parquet):
         train(compose_config(base + ["data.streaming=true", "data.buckets=true"]))
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         train(compose_config(base + ["data.streaming=true", "trainer.max_steps=-1"]))
+    with pytest.raises(DataError, match="data.caption_column: 'caption' not in"):  # before models load
+        train(compose_config(base + ["data.streaming=true", "data.caption_column=caption"]))
 
 
 @pytest.mark.slow

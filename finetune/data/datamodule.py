@@ -172,6 +172,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         """
         self._check_config()
         if self.cfg.streaming:
+            self._stream().open()  # a wrong name or column fails now, not in a worker after models load
             self.scan_result = ScanResult(records=[], notes=[f"streaming '{self.cfg.name}': counts unknown"])
             return 0
         self.scan_result = find_records(self.cfg)
