@@ -164,6 +164,8 @@ class OptimConfig:
     eps: float = 1e-8
     scheduler: str = "constant"  # after `warmup_steps` of linear warmup: constant | cosine | linear …
     warmup_steps: int = 0
+    # Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
+    max_nonfinite_in_a_row: int = 5
 
 
 @dataclass

@@ -14,6 +14,7 @@ from finetune.config import LossConfig, OptimConfig
 from finetune.losses import diffusion_loss, min_snr_weights, regression_target, sample_noise
 from finetune.methods import Method
 from finetune.models import Components
+from finetune.nonfinite import NonFiniteSteps, check_finite
 
 
 class DiffusionModule(L.LightningModule):
@@ -34,6 +35,7 @@ class DiffusionModule(L.LightningModule):
         self.controlnet = components.controlnet  # None unless method=controlnet made one
         self.noise_scheduler = components.noise_scheduler
         self.prediction_type = loss.prediction_type or self.noise_scheduler.config.prediction_type
+        self.nonfinite = NonFiniteSteps(optim.max_nonfinite_in_a_row)
         # Checkpoints hold only what trains; the frozen base comes from `model.pretrained` again.
         self.strict_loading = False
         # diffusers loads models in eval mode; what trains needs train mode (LoRA dropout).
@@ -89,16 +91,34 @@ class DiffusionModule(L.LightningModule):
             )
         return diffusion_loss(prediction, target, weights)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         loss = self.denoising_loss(batch)
+        # Every rank must agree, or DDP would wait forever for the ranks that skipped backward.
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            self.nonfinite.skip("loss", self.global_step)
+        self.log("train/skipped_steps", float(self.nonfinite.total))
+        if not finite:
+            return None  # no backward: the optimizer step that follows finds no gradients, changes nothing
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Norm before clipping: what the model produced, not what the clipper allowed through.
         norms = grad_norm(self, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+        total = norms.get("grad_2.0_norm_total")
+        # Under 16-mixed, inf gradients are the grad scaler's business (it skips and rescales).
+        if (
+            total is not None
+            and not torch.isfinite(total)
+            and not str(self.trainer.precision).startswith("16")
+        ):
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
+            self.nonfinite.skip("gradient", self.global_step)
+            return
+        if total is not None:  # None: the step was skipped for its loss and has no gradients
+            self.nonfinite.passed()
+            self.log("train/grad_norm", total)
 
     # ----- optimisation ---------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -130,6 +150,7 @@ class DiffusionModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        check_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = self.trainable_state_keys() - set(checkpoint["state_dict"])

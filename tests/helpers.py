@@ -41,3 +41,21 @@ class CrashAtStep(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
         if trainer.global_step >= self.step:
             raise RuntimeError(f"simulated crash at step {trainer.global_step}")
+
+
+class PoisonSteps(L.Callback):
+    """Puts NaN into the batch (`what=loss`) or the gradients (`what=gradient`) of the given batches."""
+
+    def __init__(self, batches: list[int], what: str = "loss") -> None:
+        self.batches, self.what, self.seen = set(batches), what, -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        self.seen += 1
+        if self.what == "loss" and self.seen in self.batches:
+            batch["pixel_values"].fill_(float("nan"))
+
+    def on_after_backward(self, trainer: L.Trainer, module) -> None:
+        if self.what == "gradient" and self.seen in self.batches:
+            for parameter in module.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.fill_(float("nan"))
