@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.buckets import fit_to
 from finetune.data.cache import CacheStore, DataCache, batched, model_identity, plan_cache
-from finetune.data.captions import CaptionStyle
+from finetune.data.captions import CaptionStyle, tokenize_batch
 from finetune.data.datamodule import TO_TENSOR
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord, Skipped
@@ -24,7 +24,6 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FillResult:
-    computed: int = 0  # entries this rank computed
     failed: list[tuple[int, Skipped]] = field(default_factory=list)  # (record index, why)
 
 
@@ -67,20 +66,12 @@ def fill_cache(
                 parameters = vae.encode(stacked).latent_dist.parameters
                 for (index, flip), params in zip(done, parameters, strict=True):
                     cache.store.put(cache.latents[index].keys[flip], {"latent_dist": params})
-                result.computed += len(done)
             bar.update(len(batch))
     for batch in batched(texts, batch_size):
-        ids = tokenizer(
-            batch,
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        ids = tokenize_batch(tokenizer, batch)
         features = text_encoder(ids.to(text_encoder.device), return_dict=False)[0]
         for text, feature in zip(batch, features, strict=True):
             cache.store.put(cache.text_keys[text], {"text_embeds": feature})  # type: ignore[index]
-        result.computed += len(batch)
         bar.update(len(batch))
     bar.close()
     return result

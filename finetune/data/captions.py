@@ -52,11 +52,16 @@ class CaptionStyle:
 
 def tokenize(tokenizer: Any, caption: str) -> torch.Tensor:
     """int64 token ids of one caption, padded/truncated to the tokenizer's model_max_length."""
+    return tokenize_batch(tokenizer, [caption])[0]
+
+
+def tokenize_batch(tokenizer: Any, captions: list[str]) -> torch.Tensor:
+    """[B, model_max_length] int64 token ids, padded and truncated as the text encoder expects."""
     tokens = tokenizer(
-        caption,
+        captions,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
         return_tensors="pt",
     )
-    return tokens.input_ids[0].long()
+    return tokens.input_ids.long()
