@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import netrc
 import os
-import re
 from typing import Any
 from urllib.parse import urlparse
 
@@ -13,19 +12,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.secrets import mask_secrets
+
 log = logging.getLogger(__name__)
-
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
-MASK = "***"
-
-
-def mask_secrets(value: Any) -> Any:
-    """A copy of a plain config (dicts/lists) with every secret-looking key's value masked."""
-    if isinstance(value, dict):
-        return {k: MASK if SECRET_KEY.search(str(k)) and v else mask_secrets(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [mask_secrets(v) for v in value]
-    return value
 
 
 def build_loggers(cfg: DictConfig | None) -> list[Logger]:

@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> RunResult:
     check_config(cfg)
     # Heavy imports after the config checks, so config mistakes are reported in a second or two.
     import lightning as L
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from finetune.checkpoints import SafeCheckpointIO, resolve_resume
     from finetune.data import CaptionedImageDataModule
@@ -48,6 +49,7 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.methods import build_method
     from finetune.models import load_components, weight_dtype_for
     from finetune.module import DiffusionModule
+    from finetune.secrets import mask_hydra_files
 
     # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -65,6 +67,8 @@ def train(cfg: DictConfig) -> RunResult:
 
     loggers = build_loggers(cfg.logger)
     log_config(loggers, cfg)
+    if (run_dir / ".hydra").is_dir() and rank_zero_only.rank == 0:
+        mask_hydra_files(run_dir / ".hydra")
     _report_data(datamodule, run_dir, loggers)
     samples = _sample_callback(cfg, run_dir)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)

@@ -1,0 +1,48 @@
+"""Keep secrets out of logs and files: values of secret-looking keys are masked wherever config goes."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from finetune.files import atomic_path
+
+SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
+MASK = "***"
+# `key=value` inside a string, as in Hydra's override lists and `override_dirname` ("a=1,b=2").
+_ASSIGNMENT = re.compile(r"([\w.+~/-]+)=([^,\s]*)")
+
+
+def mask_text(text: str) -> str:
+    """`text` with the value of every `key=value` whose key looks secret replaced by the mask."""
+    return _ASSIGNMENT.sub(
+        lambda m: f"{m.group(1)}={MASK}" if SECRET_KEY.search(m.group(1)) else m.group(0), text
+    )
+
+
+def mask_secrets(value: Any) -> Any:
+    """A copy of a plain config (dicts/lists/strings) with every secret-looking value masked."""
+    if isinstance(value, dict):
+        return {k: MASK if SECRET_KEY.search(str(k)) and v else mask_secrets(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(v) for v in value]
+    if isinstance(value, str):
+        return mask_text(value)
+    return value
+
+
+def mask_hydra_files(folder: Path) -> None:
+    """Rewrite Hydra's record of the run (`.hydra/*.yaml`: config, overrides) with secrets masked.
+
+    Hydra saves these before our code runs; a token given on the command line would otherwise stay
+    on disk next to the run's outputs.
+    """
+    for path in sorted(folder.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        masked = mask_secrets(data)
+        if masked != data:
+            with atomic_path(path) as tmp:
+                tmp.write_text(yaml.safe_dump(masked, sort_keys=False))
