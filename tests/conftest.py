@@ -51,3 +51,23 @@ def fast_overrides(tiny_model: Path, run_dir: Path, steps: int = 4) -> list[str]
         "checkpoint.every_n_steps=2",
         "logger=csv",
     ]
+
+
+def run_module(module: str, args: list[str], cwd: Path = REPO, **env: str):
+    """Run `python -m <module> <args>` as a user would (no network, one thread); assert it succeeded."""
+    import subprocess
+    import sys
+
+    environment = dict(
+        os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import REPO, run_module
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -51,23 +48,8 @@ def test_report_counts_buckets_captions_and_lists_skips(tmp_path, tiny_model, ca
 
 def test_finetune_data_command_prints_the_report_and_makes_no_run_folder(tmp_path):
     root = _folder(tmp_path / "data")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "finetune.data.cli",
-            f"data.path={root}",
-            "model=tiny_random",
-            f"model.pretrained={tmp_path / 'model'}",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    args = [f"data.path={root}", "model=tiny_random", f"model.pretrained={tmp_path / 'model'}"]
+    done = run_module("finetune.data.cli", args, cwd=tmp_path)
     assert "images: 4 usable, 1 skipped, 1 fixed" in done.stdout
     assert "broken.png" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model"]  # no outputs/, no .hydra/

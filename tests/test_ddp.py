@@ -4,14 +4,11 @@ The run also caches latents in memory, so the ranks' shared cache pre-pass is ex
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, STYLE_DATA
+from conftest import STYLE_DATA, run_module
 from safetensors.torch import load_file
 
 # method -> (extra overrides, a weight that starts at zero and must have trained, the export)
@@ -51,16 +48,7 @@ def test_two_process_ddp_averages_gradients_and_only_rank_zero_writes(
         "+callbacks.seen._target_=helpers.SeenSamples",
         f"+callbacks.seen.out_dir={tmp_path / 'seen'}",
     ]
-    env = dict(os.environ, PYTHONPATH=f"{REPO}:{REPO / 'tests'}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    done = subprocess.run(
-        [sys.executable, "-m", "finetune.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_module("finetune.train", args)
 
     rank0, rank1 = load_file(dumps / "rank0.safetensors"), load_file(dumps / "rank1.safetensors")
     assert rank0.keys() == rank1.keys() and rank0

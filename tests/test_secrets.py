@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO, STYLE_DATA
+from conftest import STYLE_DATA, run_module
 
 from finetune.secrets import MASK, mask_secrets, mask_text
 
@@ -41,16 +37,7 @@ def test_no_file_under_the_run_dir_holds_a_secret(tiny_model, tmp_path):
         "+service.api_token=cli-secret-value",
         f"hydra.run.dir={run_dir}",
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", WANDB_API_KEY="env-secret-value")
-    done = subprocess.run(
-        [sys.executable, "-m", "finetune.train", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = run_module("finetune.train", args, WANDB_API_KEY="env-secret-value")
     files = [p for p in run_dir.rglob("*") if p.is_file()]
     assert any(p.name == "overrides.yaml" for p in files) and any(p.suffix == ".ckpt" for p in files)
     for path in files:
