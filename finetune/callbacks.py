@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -217,8 +218,11 @@ class SampleGrid(L.Callback):
         self.last_step = step
         modes = {m: m.training for m in module.modules()}
         module.eval()
+        # A forked RNG: sampling (and how often it happens) never shifts the training noise stream.
+        cuda = [module.device.index or 0] if module.device.type == "cuda" else []
         try:
             with (
+                torch.random.fork_rng(devices=cuda),
                 on_device(module.device, module.vae, module.text_encoder),
                 trainer.precision_plugin.forward_context(),
                 module.method.inference_weights(),
@@ -268,14 +272,23 @@ class StepProgressBar(TQDMProgressBar):
             bar.n = trainer.global_step
             bar.set_description("steps")
 
+    _samples, _since = 0, 0.0
+
     def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
         if trainer.max_steps <= 0:
             super().on_train_batch_end(trainer, module, *args)
             return
+        batch = args[1]
+        self._samples += batch["index"].shape[0] * trainer.world_size
         bar = self.train_progress_bar
         if bar.n != trainer.global_step:
             bar.update(trainer.global_step - bar.n)
-            bar.set_postfix(self.get_metrics(trainer, module))
+            now = time.perf_counter()
+            metrics = self.get_metrics(trainer, module)
+            if self._since:  # samples/s since the previous update (none at the first)
+                metrics["samples/s"] = f"{self._samples / (now - self._since):.1f}"
+            self._samples, self._since = 0, now
+            bar.set_postfix(metrics)
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.max_steps <= 0:

@@ -8,8 +8,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from finetune.errors import ConfigError
 from finetune.files import atomic_path
@@ -50,20 +52,37 @@ class SafeCheckpointIO(TorchCheckpointIO):
             ) from error
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in `folder` (by modification time), or None.
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, saving only at the end of a batch that completed an optimizer step.
 
-    Temp files of an interrupted save are never candidates; a file that is not a complete torch
-    archive (e.g. cut short by a full disk) is skipped with a warning.
+    Lightning checks the step count alone: resumed at a multiple of `every_n_train_steps` with
+    gradient accumulation, it saved again after the first micro-batch, and a resume from that file
+    would skip the micro-batch whose gradient it never held.
     """
-    if not folder.is_dir():
-        return None
-    candidates = sorted(
-        (p for p in folder.glob("*.ckpt") if not p.name.startswith(".")),
-        key=lambda p: p.stat().st_mtime_ns,
-        reverse=True,
-    )
-    for path in candidates:
+
+    _step_at_batch_start = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step != self._step_at_batch_start:
+            super().on_train_batch_end(trainer, *args)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run (by modification time), or None.
+
+    Candidates are `<run_dir>/checkpoints/*.ckpt` and the `hpc_ckpt_*.ckpt` Lightning writes on a
+    SLURM requeue signal. Temp files of an interrupted save are never candidates (they are removed);
+    a file that is not a complete torch archive (e.g. cut short by a full disk) is skipped with a warning.
+    """
+    folder = run_dir / "checkpoints"
+    for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
+        log.info("resume=auto: removing %s, left by a save that was interrupted", leftover)
+        leftover.unlink(missing_ok=True)
+    found = [*folder.glob("[!.]*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         if zipfile.is_zipfile(path):
             return path
         log.warning("resume=auto: skipping %s, it is not a complete checkpoint", path)
@@ -71,14 +90,20 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
-    """`resume` as a checkpoint path for Lightning: `auto` finds the newest in `<run_dir>/checkpoints`."""
+    """`resume` as a checkpoint path for Lightning: `auto` finds the run's newest (`latest_checkpoint`)."""
     if resume != "auto":
         if resume and not Path(resume).expanduser().is_file():
             raise ConfigError(f"resume: '{resume}' is not a checkpoint file (or use resume=auto)")
+        if not resume and latest_checkpoint(run_dir) is not None:
+            # A fresh run here would write over the checkpoints of the one before.
+            raise ConfigError(
+                f"resume: the run folder {run_dir} holds another run's checkpoints — continue it with "
+                "resume=auto, or start in a new folder (hydra.run.dir=...)"
+            )
         return resume
-    found = latest_checkpoint(run_dir / "checkpoints")
+    found = latest_checkpoint(run_dir)
     if found is None:
-        log.info("resume=auto: no checkpoint in %s/checkpoints; starting from the beginning", run_dir)
+        log.info("resume=auto: no checkpoint in %s; starting from the beginning", run_dir)
         return None
     log.info("resume=auto: continuing from %s", found)
     return str(found)

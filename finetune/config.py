@@ -7,7 +7,9 @@ when the config is composed — before any model is loaded — with a message na
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field, make_dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,20 @@ from omegaconf import OmegaConf
 # look for a Python package named `conf`).
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
+
+
+def run_stamp() -> str:
+    """The run folder's name: the job's id under SLURM or torchrun, so that every rank (and a
+    requeued job) finds the same folder; else the start time."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"slurm-{array}_{task}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if elastic != "none":
+        return f"torchrun-{elastic}"
+    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def bundled_path(relative: str) -> str:
@@ -40,6 +56,11 @@ class ModelConfig:
     # null: take it from the scheduler config (epsilon for SD 1.x, v_prediction for SD 2.x 768).
     prediction_type: str | None = None
     gradient_checkpointing: bool = False
+    # Speed: sdpa (PyTorch's fused attention) | xformers (when installed) | eager
+    attention: str = "sdpa"
+    channels_last: bool | None = None  # null: on CUDA (NHWC convolutions; slower on most CPUs)
+    tf32: bool = True  # TF32 matmuls for float32 work on Ampere and newer GPUs
+    compile: bool = False  # torch.compile the U-Net / ControlNet (slow first steps, faster after)
 
 
 @dataclass
@@ -143,6 +164,8 @@ class DataConfig(SourceConfig):
     # Caching of VAE latents and text-encoder outputs
     cache: str = "none"  # none | memory | disk
     cache_dir: str | None = None  # disk cache; null: ~/.cache/finetune/latents
+    # Images kept out of training (chosen by seed) for the validation loss (`validation.loss_timesteps`)
+    holdout: int = 0
     # Loading
     batch_size: int = 1
     num_workers: int = 0
@@ -158,6 +181,8 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
+    name: str = "adamw"  # adamw | adamw_8bit (bitsandbytes) | adafactor (transformers) | prodigy (prodigyopt)
+    fused: bool | None = None  # AdamW's fused kernel; null: on CUDA
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
@@ -179,6 +204,9 @@ class ValidationConfig:
     images_per_prompt: int = 1
     # Sampler for the validation images (the training noise schedule is unchanged).
     scheduler: str | None = "euler"
+    # Validation loss on the `data.holdout` images: the same timesteps and noise every time, so that
+    # runs and steps compare; logged as val/loss at every sample step.
+    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
     # ControlNet: conditioning images for the samples (prompt i uses image i, cycling); raw photos
     # when data.conditioning names a preprocessor. Empty: those of the first training samples.
     conditioning_images: list[str] = field(default_factory=list)
@@ -213,6 +241,7 @@ def register_configs() -> None:
     """Make the schemas available to `conf/` files as `<group>/schema`."""
     if not OmegaConf.has_resolver("bundled"):
         OmegaConf.register_new_resolver("bundled", bundled_path)
+        OmegaConf.register_new_resolver("run_stamp", run_stamp, use_cache=True)
     store = ConfigStore.instance()
     store.store(group="model", name="schema", node=ModelConfig)
     store.store(group="method", name="lora_schema", node=LoraMethodConfig)
@@ -224,58 +253,3 @@ def register_configs() -> None:
     store.store(name="optim_schema", node=OptimConfig, package="optim")
     store.store(name="validation_schema", node=ValidationConfig, package="validation")
     store.store(name="checkpoint_schema", node=CheckpointConfig, package="checkpoint")
-
-
-# Keys whose value must be one of a few words; checked before anything heavy happens.
-CHOICES = {
-    "data.source": ("folder", "hf"),
-    "data.crop": ("center", "random"),
-    "data.missing_caption": ("skip", "empty", "default", "error"),
-    "data.cache": ("none", "memory", "disk"),
-    "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
-    "loss.prediction_type": (None, "epsilon", "v_prediction"),
-    "model.prediction_type": (None, "epsilon", "v_prediction"),
-    "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),
-}
-
-
-def check_config(cfg: Any) -> None:
-    """Fail with one line naming the key when a value or a combination of values cannot work."""
-    from omegaconf import OmegaConf
-
-    from finetune.errors import ConfigError
-
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value not in allowed:
-            words = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"{key}: '{value}' is not one of {words}")
-    if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
-        data = cfg.data
-        if not (data.conditioning or data.conditioning_path or data.conditioning_column):
-            raise ConfigError(
-                "method=controlnet needs conditioning images: data.conditioning=canny, "
-                "data.conditioning_path=<folder> or data.conditioning_column=<column>"
-            )
-        if data.streaming:
-            raise ConfigError(
-                "data.streaming: not available with method=controlnet — set data.streaming=false"
-            )
-    if OmegaConf.select(cfg, "data.streaming", default=False):
-        from finetune.data.streaming import check_streaming
-
-        check_streaming(cfg.data, cfg.trainer.max_steps)
-    precision = str(cfg.trainer.precision)
-    if precision.startswith("16") and _runs_on_cpu(str(cfg.trainer.accelerator)):
-        raise ConfigError(
-            f"trainer.precision: '{precision}' needs a CUDA GPU (float16 kernels are missing on CPU) — "
-            "use bf16-mixed or 32-true on CPU"
-        )
-
-
-def _runs_on_cpu(accelerator: str) -> bool:
-    if accelerator == "auto":
-        import torch
-
-        return not torch.cuda.is_available()
-    return accelerator == "cpu"

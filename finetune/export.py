@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
 
 from finetune.errors import FinetuneError
-from finetune.files import save_safetensors
+from finetune.files import atomic_dir
 
 ADAPTER_NAME = "default"
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
@@ -85,19 +86,22 @@ def export_lora(
     # diffusers reads rank/alpha/targets back from this key; without it alpha would silently become rank.
     diffusers_header[LORA_ADAPTER_METADATA_KEY] = _lora_adapter_metadata(unet, text_encoder, adapter_name)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    diffusers_path = out_dir / DIFFUSERS_WEIGHT_NAME
-    # diffusers packs the key prefixes; our save_function writes atomically with our header.
-    StableDiffusionPipeline.save_lora_weights(
-        save_directory=out_dir,
-        unet_lora_layers=unet_layers,
-        text_encoder_lora_layers=te_layers,
-        weight_name=DIFFUSERS_WEIGHT_NAME,
-        save_function=lambda weights, filename: save_safetensors(weights, Path(filename), diffusers_header),
-    )
-    kohya_path = out_dir / kohya_name
-    save_safetensors(kohya_sd, kohya_path, kohya_header)
-    return {"diffusers": diffusers_path, "kohya": kohya_path}
+    # Both files appear together or not at all (an existing folder's other files are kept).
+    with atomic_dir(out_dir, replace=overwrite) as folder:
+        if overwrite and out_dir.is_dir():
+            shutil.copytree(out_dir, folder, dirs_exist_ok=True)
+        # diffusers packs the key prefixes; our save_function adds our header.
+        StableDiffusionPipeline.save_lora_weights(
+            save_directory=folder,
+            unet_lora_layers=unet_layers,
+            text_encoder_lora_layers=te_layers,
+            weight_name=DIFFUSERS_WEIGHT_NAME,
+            save_function=lambda weights, name: safetensors.torch.save_file(
+                weights, name, metadata=diffusers_header
+            ),
+        )
+        safetensors.torch.save_file(kohya_sd, folder / kohya_name, metadata=kohya_header)
+    return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / kohya_name}
 
 
 def kohya_state_dict(

@@ -9,6 +9,7 @@ from diffusers import ControlNetModel
 
 from finetune.convert_controlnet import save_controlnet_file
 from finetune.export import ExportExistsError, export_lora
+from finetune.files import atomic_dir
 from finetune.models import Components
 
 
@@ -27,14 +28,14 @@ def export_controlnet(
 ) -> dict[str, Path]:
     """`<run_dir>/controlnet/` that `ControlNetModel.from_pretrained` loads; `controlnet.safetensors` for
     A1111 / ComfyUI; `<run_dir>/adapter/` with the U-Net LoRA when one trained alongside."""
-    out_dir, partial = run_dir / "controlnet", run_dir / ".controlnet.partial"
+    out_dir = run_dir / "controlnet"
     file = run_dir / "controlnet.safetensors"
     for existing in (out_dir, file) if single_file else (out_dir,):
         if existing.exists():  # a finished run resumed into its own folder: never replace an export
             raise ExportExistsError(f"{existing} already exists; move it away to export again")
     controlnet = plain_controlnet(components.controlnet)
-    controlnet.save_pretrained(partial, safe_serialization=True)
-    partial.rename(out_dir)  # the folder appears complete or not at all
+    with atomic_dir(out_dir) as partial:  # the folder appears complete or not at all
+        controlnet.save_pretrained(partial, safe_serialization=True)
     written = {"controlnet": out_dir}
     if single_file:
         written["single_file"] = save_controlnet_file(controlnet, file, metadata)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +35,38 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success fsync its files and rename it to `path`.
+
+    `path` may exist only if empty, or with `replace=True` (the old folder goes once the new one is
+    in place). On failure the temp folder is removed and `path` is as it was.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp (and safetensors, for files) make them owner-only
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, 0o666 & ~_umask())
+                with open(file, "rb") as written:
+                    os.fsync(written.fileno())
+        old = None
+        if path.is_dir() and any(path.iterdir()):
+            if not replace:
+                raise FileExistsError(f"{path} exists and is not empty")
+            old = path.rename(path.with_name(f".{path.name}.old-{tmp.name}"))
+        elif path.is_dir():
+            path.rmdir()
+        tmp.rename(path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

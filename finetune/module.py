@@ -15,6 +15,7 @@ from finetune.losses import diffusion_loss, min_snr_weights, regression_target, 
 from finetune.methods import Method
 from finetune.models import Components
 from finetune.nonfinite import NonFiniteSteps, check_finite
+from finetune.optimizers import build_optimizer
 
 
 class DiffusionModule(L.LightningModule):
@@ -70,9 +71,12 @@ class DiffusionModule(L.LightningModule):
         batch: dict[str, torch.Tensor],
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The training objective on one batch; fixed `noise`/`timesteps` make it comparable across runs."""
-        latents = self.batch_latents(batch)
+        """The training objective on one batch; fixed `latents`/`noise`/`timesteps` make it comparable
+        across steps and runs (the validation loss)."""
+        if latents is None:
+            latents = self.batch_latents(batch)
         if noise is None:
             noise = sample_noise(latents, self.loss_cfg.noise_offset)
         if timesteps is None:
@@ -127,13 +131,7 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        optimizer = torch.optim.AdamW(
-            self.trainable_parameters(),
-            lr=cfg.lr,
-            betas=tuple(cfg.betas),
-            weight_decay=cfg.weight_decay,
-            eps=cfg.eps,
-        )
+        optimizer = build_optimizer(cfg, self.trainable_parameters())
         scheduler = get_scheduler(
             # diffusers' "constant" ignores warmup; ours always honours `warmup_steps`.
             "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
@@ -141,7 +139,9 @@ class DiffusionModule(L.LightningModule):
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=self.trainer.estimated_stepping_batches,
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        # `name`: the LR's tag on the dashboard, beside train/loss (Lightning's default is lr-AdamW).
+        schedule = {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
+        return {"optimizer": optimizer, "lr_scheduler": schedule}
 
     # ----- checkpoints: trainable weights only ---------------------------------------------
     def trainable_state_keys(self) -> set[str]:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +49,15 @@ def mask_hydra_files(folder: Path) -> None:
         if masked != data:
             with atomic_path(path) as tmp:
                 tmp.write_text(yaml.safe_dump(masked, sort_keys=False))
+
+
+@contextmanager
+def masked_argv() -> Iterator[None]:
+    """`sys.argv` with secrets masked for the block: for libraries that record the command line
+    (W&B puts it in the run's metadata). Only for the block, since DDP relaunches the real one."""
+    real = sys.argv
+    sys.argv = [real[0], *(mask_text(arg) for arg in real[1:])]
+    try:
+        yield
+    finally:
+        sys.argv = real

@@ -17,7 +17,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config import CONF_DIR, check_config, register_configs
+from finetune.checks import check_config
+from finetune.config import CONF_DIR, register_configs
 from finetune.errors import run_command
 
 log = logging.getLogger("finetune")
@@ -50,22 +51,30 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.models import load_components, weight_dtype_for
     from finetune.module import DiffusionModule
     from finetune.secrets import mask_hydra_files
+    from finetune.speed import apply_speed_settings, set_matmul_precision, uses_cuda
 
     # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    # A fresh run never starts in a folder with checkpoints (resolve_resume), so this one is a resume.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning's CSV logger appends to the metrics of the run it resumes, whatever this warning says.
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     run_dir = Path(cfg.run_dir)
     checkpoint = resolve_resume(cfg.resume, run_dir)  # a wrong path fails here, before models load
     datamodule = CaptionedImageDataModule(cfg.data, seed=cfg.seed)
     num_images = datamodule.scan()  # data errors surface here, before any model loads
 
     L.seed_everything(cfg.seed, workers=True)
+    on_cuda = uses_cuda(str(cfg.trainer.accelerator))
+    set_matmul_precision(cfg.model, on_cuda)
     components = load_components(cfg.model, weight_dtype_for(cfg.trainer.precision))
     method = build_method(cfg.method)
     method.prepare(components)
+    apply_speed_settings(components, cfg.model, on_cuda)
     datamodule.tokenizer = components.tokenizer
     module = DiffusionModule(components, method, cfg.loss, cfg.optim)
 
-    loggers = build_loggers(cfg.logger)
+    loggers = build_loggers(cfg.logger, resuming=checkpoint is not None)
     log_config(loggers, cfg)
     if (run_dir / ".hydra").is_dir() and rank_zero_only.rank == 0:
         mask_hydra_files(run_dir / ".hydra")
@@ -80,7 +89,7 @@ def train(cfg: DictConfig) -> RunResult:
         plugins=[SafeCheckpointIO(allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))],
         logger=loggers or False,
         # the method's callbacks (EMA) run before sampling, which then sees their result
-        callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples],
+        callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples, _validation_loss(cfg)],
     )
     log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
@@ -90,9 +99,26 @@ def train(cfg: DictConfig) -> RunResult:
     if trainer.is_global_zero:
         summary = dict(method.summary(), prediction_type=module.prediction_type)
         metadata = _export_metadata(cfg, summary, trainer.global_step, num_images)
-        result.exported = method.export(components, run_dir, metadata)
-        log.info("exported %s", ", ".join(str(p) for p in result.exported.values()))
+        result.exported = _export(method, components, run_dir, metadata, trainer.global_step)
     return result
+
+
+def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str], step: int) -> dict:
+    """Export into the run folder; a run resumed after it had exported writes `exports/step_<N>/`
+    instead, so no earlier export is ever replaced."""
+    from finetune.export import ExportExistsError
+
+    try:
+        exported = method.export(components, run_dir, metadata)
+    except ExportExistsError:
+        root = run_dir / "exports" / f"step_{step:06d}"
+        if root.exists():
+            log.info("step %d was already exported to %s; nothing new to export", step, root)
+            return {}
+        root.mkdir(parents=True)
+        exported = method.export(components, root, metadata)
+    log.info("exported %s", ", ".join(str(p) for p in exported.values()))
+    return exported
 
 
 def _report_data(datamodule: Any, run_dir: Path, loggers: list) -> None:
@@ -123,17 +149,29 @@ def _sample_callback(cfg: DictConfig, run_dir: Path):
     return SampleGrid(cfg.validation, run_dir / "samples", cfg.data.resolution)
 
 
+def _validation_loss(cfg: DictConfig):
+    from finetune.validation_loss import ValidationLoss
+
+    validation = cfg.validation
+    return ValidationLoss(validation.loss_timesteps, validation.every_n_steps, validation.seed)
+
+
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     """Checkpoints, LR / throughput monitors, the run progress bar, and user callbacks."""
     from hydra.utils import instantiate
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+    from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 
     from finetune.callbacks import DataCachePass, StepProgressBar
+    from finetune.checkpoints import StepCheckpoint
+    from finetune.interrupt import StopOnSignal
+    from finetune.rng import RandomStates
 
+    checkpoints = run_dir / "checkpoints"
     callbacks = [
         DataCachePass(),
-        ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
+        RandomStates(),
+        StepCheckpoint(
+            dirpath=checkpoints,
             filename="step_{step:06d}",
             auto_insert_metric_name=False,
             every_n_train_steps=cfg.checkpoint.every_n_steps,
@@ -144,6 +182,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
             # A resumed run writes into the same folder: last.ckpt is replaced, not joined by last-v1.ckpt.
             enable_version_counter=False,
         ),
+        StopOnSignal(checkpoints / "last.ckpt"),
     ]
     if cfg.trainer.enable_progress_bar is not False:
         callbacks.append(StepProgressBar())

@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import math
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from finetune.files import atomic_dir
 from finetune.shapes import COLOURS, SCALES, SHAPES, STYLE_SUFFIX, draw_scene
 
 SEED = 1234
@@ -71,10 +70,8 @@ def write_dataset(
     out = out.resolve()
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         for i, scene in enumerate(scene_plan(count, rng)):
             image, caption = draw_scene(**scene, style=True, size=size, rng=rng)
             image.save(tmp / f"{i:03d}.png", optimize=True)
@@ -84,12 +81,6 @@ def write_dataset(
                 count=count, size=size, seed=seed, colours=", ".join(COLOURS), shapes=", ".join(SHAPES)
             )
         )
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(out.glob("*.png"))
 
 

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import random
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from finetune.files import atomic_dir
 from finetune.shapes import COLOURS, POSITIONS, SCALES, SHAPES, draw_scene
 
 SEED = 4321
@@ -42,11 +41,9 @@ def write_pairs(
     out = out.resolve()
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True) as tmp:
         for i in range(count):
             colour, shape = pairs[i % len(pairs)]
             scale, position = rng.choice([None, *SCALES]), rng.choice([None, *POSITIONS])
@@ -55,12 +52,6 @@ def write_pairs(
             article = "an" if colour[0] in "aeiou" else "a"
             (tmp / f"{i:03d}.txt").write_text(f"{article} {colour} {shape}\n")
         (tmp / "README.md").write_text(README.format(count=count, size=size, seed=seed))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return count
 
 

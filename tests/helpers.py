@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import io as io_module
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
+import torch
 from safetensors.torch import save_file
+
+from finetune.files import atomic_path
 
 
 class TrainableWeightsDump(L.Callback):
@@ -59,3 +65,89 @@ class PoisonSteps(L.Callback):
             for parameter in module.parameters():
                 if parameter.grad is not None:
                     parameter.grad.fill_(float("nan"))
+
+
+class LossLog(L.Callback):
+    """Appends `<step> <epoch> <batch> <loss> <lr>` per trained batch to `path` (floats in hex: exact)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+        self.step = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
+        self.step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        loss = float(outputs["loss"]) if outputs is not None else float("nan")
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        with open(self.path, "a") as handle:
+            handle.write(f"{self.step} {trainer.current_epoch} {batch_idx} {loss.hex()} {float(lr).hex()}\n")
+
+
+class KillAt(L.Callback):
+    """Ends its own process at a chosen moment, as a crash or a scheduler would.
+
+    `moment`, at the first chance from step `step` on: `mid-accumulation` (after the first micro-batch
+    of a step), `after-step` (right after an optimizer step, before its checkpoint), `during-save`
+    (half-way through writing a checkpoint: the temp file is left half written) or `sigterm` (SIGTERM
+    to itself mid-accumulation, so the run must finish the step, save and stop).
+    """
+
+    def __init__(self, step: int, moment: str) -> None:
+        self.step, self.moment, self._step_at_start, self.sent = step, moment, -1, False
+
+    def setup(self, trainer: L.Trainer, module, stage: str) -> None:
+        if self.moment == "during-save":
+            io = trainer.strategy.checkpoint_io
+            original = io.save_checkpoint
+
+            def save_then_die(checkpoint, path, storage_options=None):
+                if checkpoint["global_step"] < self.step:
+                    return original(checkpoint, path, storage_options)
+                buffer = io_module.BytesIO()
+                torch.save(checkpoint, buffer)
+                data = buffer.getvalue()
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(Path(path)) as tmp:
+                    with open(tmp, "wb") as handle:
+                        handle.write(data[: len(data) // 2])
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            io.save_checkpoint = save_then_die
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_) -> None:
+        self._step_at_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_) -> None:
+        stepped = trainer.global_step != self._step_at_start
+        if self.moment == "after-step" and stepped and trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        # ">=": a step whose epoch ends after one micro-batch has no middle; the next step does.
+        mid = not stepped and self._step_at_start >= self.step
+        if mid and self.moment == "mid-accumulation":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if mid and self.moment == "sigterm" and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+class RemovalAudit(L.Callback):
+    """Records, at each checkpoint removal, which complete checkpoints exist: `<out>` gets one line
+    `<removed> <present...>` per removal."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def setup(self, trainer: L.Trainer, module, stage: str) -> None:
+        io = trainer.strategy.checkpoint_io
+        original = io.remove_checkpoint
+
+        def audited_remove(path) -> None:
+            present = sorted(p.name for p in Path(path).parent.glob("*.ckpt"))
+            with open(self.out, "a") as handle:
+                handle.write(" ".join([Path(path).name, *present]) + "\n")
+            original(path)
+
+        io.remove_checkpoint = audited_remove

@@ -90,6 +90,14 @@ def test_resumed_sampler_continues_with_the_next_unseen_batch():
     assert list(resumed) == BucketBatchSampler([0, 1] * 10, [1.0] * 20, 2, seed=0).epoch_batches(1)
 
 
+def test_a_resume_saved_after_an_epochs_last_batch_starts_the_next_epoch_whole():
+    # A multi-worker loader asks for the iterator while the trainer still counts the finished epoch.
+    epoch_one = BucketBatchSampler([0, 1] * 10, [1.0] * 20, 2, seed=0).epoch_batches(1)
+    resumed = BucketBatchSampler([0, 1] * 10, [1.0] * 20, 2, seed=0, epoch_fn=lambda: 0)
+    resumed.load_state_dict({"epoch": 0, "batches_done": 10})
+    assert list(resumed) == epoch_one
+
+
 def test_datamodule_batches_follow_buckets(tmp_path):
     for i, size in enumerate([(96, 32), (90, 30), (32, 32), (32, 96)]):
         Image.new("RGB", size, (i * 40, 0, 0)).save(tmp_path / f"{i}.png")

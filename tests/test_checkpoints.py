@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import compose_config, fast_overrides
 
-from finetune.checkpoints import SafeCheckpointIO, latest_checkpoint
+from finetune.checkpoints import SafeCheckpointIO, latest_checkpoint, resolve_resume
+from finetune.config import run_stamp
 from finetune.errors import ConfigError
 from finetune.train import train
 
@@ -48,13 +49,18 @@ def test_a_checkpoint_crafted_to_run_code_is_refused_and_runs_nothing(tmp_path, 
 
 
 def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
-    io = SafeCheckpointIO()
+    io, folder = SafeCheckpointIO(), tmp_path / "checkpoints"
     for step in (1, 2):
-        io.save_checkpoint({"global_step": step}, tmp_path / f"step_{step}.ckpt")
-        os.utime(tmp_path / f"step_{step}.ckpt", (step, step))
-    (tmp_path / ".last.ckpt.abc.tmp").write_bytes(b"partial")  # an interrupted save's temp file
-    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")  # newest, but not complete
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_2.ckpt"
+        io.save_checkpoint({"global_step": step}, folder / f"step_{step}.ckpt")
+        os.utime(folder / f"step_{step}.ckpt", (step, step))
+    leftover = folder / ".last.ckpt.abc.tmp"
+    leftover.write_bytes(b"partial")  # an interrupted save's temp file
+    (folder / "broken.ckpt").write_bytes(b"not a checkpoint")  # newest, but not complete
+    assert latest_checkpoint(tmp_path) == folder / "step_2.ckpt"
+    assert not leftover.exists()
+    # Lightning's SLURM requeue checkpoint lies in the run folder itself, and counts when newer.
+    io.save_checkpoint({"global_step": 3}, tmp_path / "hpc_ckpt_1.ckpt")
+    assert latest_checkpoint(tmp_path) == tmp_path / "hpc_ckpt_1.ckpt"
     assert latest_checkpoint(tmp_path / "missing") is None
 
 
@@ -78,10 +84,62 @@ def test_resume_auto_continues_a_crashed_run_in_its_own_folder(tiny_model, tmp_p
         "step_000002.ckpt",
         "step_000004.ckpt",
     ]
-    assert (run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+    adapter = run_dir / "adapter" / "pytorch_lora_weights.safetensors"
+    exported = adapter.read_bytes()
+
+    # Resumed once more, for more steps: the first export stays; the new one goes beside it.
+    longer = overrides + ["trainer.max_steps=5"] + seen("third")
+    assert train(compose_config(longer)).global_step == 5
+    assert adapter.read_bytes() == exported
+    assert (run_dir / "exports" / "step_000005" / "adapter" / adapter.name).is_file()
+    # Resuming a finished run trains nothing and exports nothing again.
+    again = train(compose_config(longer))
+    assert again.global_step == 5 and again.exported == {}
+
+
+def test_keep_last_removes_old_checkpoints_only_once_a_newer_one_is_complete(tiny_model, tmp_path):
+    audit = tmp_path / "removals.txt"
+    overrides = fast_overrides(tiny_model, tmp_path / "run", steps=4) + [
+        "checkpoint.every_n_steps=1",
+        "checkpoint.keep_last=2",
+        "validation.every_n_steps=0",
+        "+callbacks.audit._target_=helpers.RemovalAudit",
+        f"+callbacks.audit.out={audit}",
+    ]
+    train(compose_config(overrides))
+    removals = [line.split() for line in audit.read_text().splitlines()]
+    assert [r[0] for r in removals] == ["step_000001.ckpt", "step_000002.ckpt"]
+    for removed, *present in removals:
+        newer = [name for name in present if name.startswith("step_") and name > removed]
+        assert len(newer) >= 2, (removed, present)  # the two to keep were complete when it went
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["last.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
 
 
 def test_a_missing_resume_file_fails_before_any_model_loads(tmp_path):
     overrides = fast_overrides(tmp_path / "no-model", tmp_path / "run") + [f"resume={tmp_path / 'nope.ckpt'}"]
     with pytest.raises(ConfigError, match="resume: .* is not a checkpoint file"):
         train(compose_config(overrides))
+
+
+def test_a_fresh_run_refuses_a_folder_holding_checkpoints(tmp_path):
+    SafeCheckpointIO().save_checkpoint({"global_step": 5}, tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match="resume=auto"):
+        resolve_resume(None, tmp_path)
+    assert resolve_resume("auto", tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize(
+    "env, stamp",
+    [
+        ({"SLURM_JOB_ID": "812"}, "slurm-812"),
+        ({"SLURM_JOB_ID": "813", "SLURM_ARRAY_JOB_ID": "800", "SLURM_ARRAY_TASK_ID": "3"}, "slurm-800_3"),
+        ({"TORCHELASTIC_RUN_ID": "abc"}, "torchrun-abc"),
+    ],
+)
+def test_cluster_jobs_get_one_run_folder_for_all_ranks_and_requeues(monkeypatch, env, stamp):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert run_stamp() == stamp

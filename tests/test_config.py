@@ -117,3 +117,28 @@ def test_empty_dataset_and_missing_caption_column(tmp_path: Path) -> None:
     with pytest.raises(DataError) as error:
         train(cfg)
     assert "text" in str(error.value) and "caption" in str(error.value)  # names missing and available
+
+
+@pytest.mark.parametrize(
+    "model, overrides, message",
+    [
+        (
+            "tiny",
+            ["data.resolution=33"],
+            "data.resolution: 33 is not a multiple of the VAE factor 2 — use 32 or 34",
+        ),
+        ("tiny", ["data.buckets=true", "data.bucket_step=5"], "data.bucket_step: 5 is not a multiple"),
+        # A hub model not downloaded yet: every SD VAE's factor, 8.
+        ("someone/sd-model", ["data.resolution=100"], "of the VAE factor 8 — use 96 or 104"),
+    ],
+)
+def test_sizes_that_are_not_whole_latents_fail_before_the_model_loads(
+    tiny_model: Path, tmp_path: Path, model: str, overrides: list[str], message: str
+) -> None:
+    pretrained = tiny_model if model == "tiny" else model
+    cfg = compose_config(
+        fast_overrides(tiny_model, tmp_path / "run") + [f"model.pretrained={pretrained}", *overrides]
+    )
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

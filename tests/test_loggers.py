@@ -61,3 +61,44 @@ def test_tensorboard_and_wandb_get_scalars_images_and_masked_config(
     for path in run.run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # logged in: online, where runs can be resumed
+    (tmp_path / "wandb" / "run-20260101_000000-older").mkdir(parents=True)
+    (tmp_path / "wandb" / "run-20260102_000000-abc123").mkdir()
+    created = {}
+    monkeypatch.setattr(WandbLogger, "__init__", lambda self, **kwargs: created.update(kwargs))
+    wandb_logger(save_dir=str(tmp_path), project="p", continue_run=True)
+    assert created["id"] == "abc123" and created["resume"] == "allow"
+    created.clear()
+    wandb_logger(save_dir=str(tmp_path), project="p")  # a fresh run gets a fresh id
+    assert "id" not in created
+
+
+@pytest.mark.slow
+def test_a_resumed_offline_run_says_how_to_join_its_parts(tiny_model: Path, tmp_path: Path) -> None:
+    from conftest import STYLE_DATA, run_module
+
+    run_dir = tmp_path / "run"
+    args = [
+        f"model.pretrained={tiny_model}",
+        f"data.path={STYLE_DATA}",
+        "trainer.max_steps=3",
+        "trainer.accelerator=cpu",
+        "validation.every_n_steps=0",
+        "validation.prompts=[]",
+        "checkpoint.every_n_steps=1",
+        "logger=wandb",
+        f"hydra.run.dir={run_dir}",
+        "resume=auto",
+    ]
+    kill = ["+callbacks.kill._target_=helpers.KillAt", "+callbacks.kill.step=2"]
+    run_module("finetune.train", [*args, *kill, "+callbacks.kill.moment=after-step"], returncode=-9)
+    done = run_module("finetune.train", args, WANDB_MODE="offline")
+    first = sorted((run_dir / "wandb").glob("offline-run-*"))[0].name.rsplit("-", 1)[1]
+    assert f"wandb sync --id {first}" in done.stdout + done.stderr
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2

@@ -33,7 +33,7 @@ def test_no_file_under_the_run_dir_holds_a_secret(tiny_model, tmp_path):
         "validation.num_inference_steps=2",
         "validation.prompts=[a red circle]",
         "checkpoint.every_n_steps=1",
-        "logger=[csv,tensorboard]",
+        "logger=[csv,tensorboard,wandb]",  # W&B offline (conftest)
         "+service.api_token=cli-secret-value",
         f"hydra.run.dir={run_dir}",
     ]

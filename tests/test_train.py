@@ -59,7 +59,7 @@ def test_loss_lr_grad_norm_and_throughput_are_logged(embedded_run) -> None:
     rows = read_metrics(embedded_run.run_dir)
     columns = set(rows[0])
     # Lightning adds the all-device "train/samples_per_sec" beside this one when world_size > 1.
-    for name in ("train/loss", "train/grad_norm", "lr-AdamW", "train/device/samples_per_sec"):
+    for name in ("train/loss", "train/grad_norm", "train/lr", "train/device/samples_per_sec"):
         assert name in columns, f"{name} not logged; got {sorted(columns)}"
     losses = [float(r["train/loss"]) for r in rows if r["train/loss"]]
     assert len(losses) == 4 and all(np.isfinite(losses))

@@ -16,7 +16,7 @@ def logged_lrs(run_dir: Path) -> list[float]:
     """The learning rate at each optimizer step (logged once per batch, so twice when accumulating)."""
     with open(run_dir / "csv" / "metrics.csv") as handle:
         by_step = {
-            int(row["step"]): float(row["lr-AdamW"]) for row in csv.DictReader(handle) if row.get("lr-AdamW")
+            int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(handle) if row.get("train/lr")
         }
     return [by_step[step] for step in sorted(by_step)]
 

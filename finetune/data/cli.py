@@ -16,7 +16,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from finetune.config import CONF_DIR, check_config, register_configs
+from finetune.checks import check_config
+from finetune.config import CONF_DIR, register_configs
 from finetune.errors import run_command
 
 log = logging.getLogger("finetune")

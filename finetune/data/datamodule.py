@@ -8,6 +8,7 @@ same (bucket) size.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -152,6 +153,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         self.sizes: list[tuple[int, int]] = []
         self.dataset: Any = None  # CaptionedImageDataset, or a StreamingCaptionedImages
         self.cache: DataCache | None = None  # set by prepare_cache()
+        self.holdout: list[tuple[ImageRecord, tuple[int, int]]] = []  # (record, size) for validation
 
     @property
     def records(self) -> Sequence[ImageRecord]:
@@ -177,7 +179,40 @@ class CaptionedImageDataModule(L.LightningDataModule):
             return 0
         self.scan_result = find_records(self.cfg)
         self.sizes = [target_size(self.cfg, *record.size) for record in self.scan_result.records]
+        self._hold_out()
         return len(self.sizes)
+
+    def _hold_out(self) -> None:
+        """Move `data.holdout` records, picked by seed, out of training and into `holdout`."""
+        count = self.cfg.holdout
+        if count <= 0:
+            return
+        assert self.scan_result is not None
+        total = len(self.sizes)
+        if count >= total:
+            raise DataError(f"data.holdout: {count} images held out would leave none of {total} to train on")
+        chosen = set(random.Random(self.seed).sample(range(total), count))
+        records = self.scan_result.records
+        self.holdout = [(records[i], self.sizes[i]) for i in sorted(chosen)]
+        self.scan_result.records = [r for i, r in enumerate(records) if i not in chosen]
+        self.sizes = [s for i, s in enumerate(self.sizes) if i not in chosen]
+        self.scan_result.notes.append(
+            f"data.holdout: {count} images kept out of training for the validation loss"
+        )
+
+    def holdout_dataset(self) -> CaptionedImageDataset | None:
+        """The held-out images as they are: centre crop, no flip, captions without dropout or shuffling."""
+        if not self.holdout:
+            return None
+        style = CaptionStyle(prefix=self.cfg.caption_prefix, suffix=self.cfg.caption_suffix)
+        records, sizes = zip(*self.holdout, strict=True)
+        return CaptionedImageDataset(
+            records,
+            self.tokenizer,
+            sizes,
+            captions=style,
+            conditioning=ConditioningImages.from_config(self.cfg),
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.scan_result is None:
@@ -258,6 +293,9 @@ class CaptionedImageDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            # Its own generator for the workers' base seed: starting an epoch must not draw from the
+            # global RNG, whose state a resume restores (samples are seeded one by one anyway).
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def _check_config(self) -> None:
@@ -275,6 +313,8 @@ class CaptionedImageDataModule(L.LightningDataModule):
             raise ConfigError(f"data.keep_tokens: {cfg.keep_tokens} must be 0 or more")
         if cfg.buckets:
             buckets_for(cfg)  # raises if the bucket settings leave no bucket
+        if cfg.holdout and cfg.streaming:
+            raise ConfigError("data.holdout: not available with data.streaming — set data.holdout=0")
 
 
 def _batches_trained(trainer: L.Trainer) -> int:

@@ -96,12 +96,15 @@ class BucketBatchSampler:
         return self.epoch_fn() if self.epoch_fn is not None else self._epoch
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
-        epoch = self.current_epoch()
-        skip = 0
+        epoch, skip = self.current_epoch(), 0
         if self._resume is not None:
-            resume_epoch, done = self._resume
-            self._resume = None
-            skip = done if resume_epoch == epoch else 0
+            (resume_epoch, done), self._resume = self._resume, None
+            if done >= len(self.rank_batches(resume_epoch)):
+                # Saved after the epoch's last batch. Lightning goes on with the next epoch through
+                # this iterator, which a multi-worker loader may start before the epoch count moves.
+                epoch = max(epoch, resume_epoch + 1)
+            elif resume_epoch == epoch:
+                skip = done
         yield from self.rank_batches(epoch)[skip:]
         self._epoch = epoch + 1
 

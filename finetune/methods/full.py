@@ -14,6 +14,7 @@ from diffusers.training_utils import EMAModel
 
 from finetune.config import FullMethodConfig
 from finetune.export import ExportExistsError
+from finetune.files import atomic_dir
 from finetune.methods import unet_denoise
 from finetune.models import Components
 
@@ -95,7 +96,7 @@ class FullMethod:
         """`<run_dir>/model/`: a diffusers pipeline folder, plus `model.safetensors` (original layout)."""
         from finetune.convert import save_single_file
 
-        out_dir, partial = run_dir / "model", run_dir / ".model.partial"
+        out_dir = run_dir / "model"
         if out_dir.exists():  # e.g. a finished run resumed into its own folder: never replace an export
             raise ExportExistsError(
                 f"{out_dir} already exists; move it away to export again (the weights are in checkpoints/)"
@@ -112,8 +113,8 @@ class FullMethod:
         )
         written = {"diffusers": out_dir}
         with self.inference_weights():
-            pipe.save_pretrained(partial, safe_serialization=True)
-            partial.rename(out_dir)  # the folder appears complete or not at all
+            with atomic_dir(out_dir) as partial:  # the folder appears complete or not at all
+                pipe.save_pretrained(partial, safe_serialization=True)
             if self.cfg.save_single_file:
                 written["single_file"] = save_single_file(
                     pipe, run_dir / "model.safetensors", metadata=metadata

@@ -1,0 +1,118 @@
+"""Config checks run before anything heavy: one line naming the key and the fix.
+
+Some need the model's shape, which is read from its config files, never by loading weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from finetune.errors import ConfigError
+
+# Keys whose value must be one of a few words; checked before anything heavy happens.
+CHOICES = {
+    "data.source": ("folder", "hf"),
+    "data.crop": ("center", "random"),
+    "data.missing_caption": ("skip", "empty", "default", "error"),
+    "data.cache": ("none", "memory", "disk"),
+    "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
+    "loss.prediction_type": (None, "epsilon", "v_prediction"),
+    "model.prediction_type": (None, "epsilon", "v_prediction"),
+    "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),
+    "model.attention": ("sdpa", "xformers", "eager"),
+}
+
+
+def check_config(cfg: Any) -> None:
+    """Fail with one line naming the key when a value or a combination of values cannot work."""
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value not in allowed:
+            words = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
+        data = cfg.data
+        if not (data.conditioning or data.conditioning_path or data.conditioning_column):
+            raise ConfigError(
+                "method=controlnet needs conditioning images: data.conditioning=canny, "
+                "data.conditioning_path=<folder> or data.conditioning_column=<column>"
+            )
+        if data.streaming:
+            raise ConfigError(
+                "data.streaming: not available with method=controlnet — set data.streaming=false"
+            )
+    if OmegaConf.select(cfg, "data.streaming", default=False):
+        from finetune.data.streaming import check_streaming
+
+        check_streaming(cfg.data, cfg.trainer.max_steps)
+    if OmegaConf.select(cfg, "model", default=None) is not None:
+        check_latent_shapes(cfg)
+        if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
+            raise ConfigError("model.attention: 'xformers' needs the xformers package — or use sdpa")
+    if OmegaConf.select(cfg, "optim.name", default=None) is not None:
+        from finetune.optimizers import check_optimizer
+
+        check_optimizer(cfg.optim.name)
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("16") and _runs_on_cpu(str(cfg.trainer.accelerator)):
+        raise ConfigError(
+            f"trainer.precision: '{precision}' needs a CUDA GPU (float16 kernels are missing on CPU) — "
+            "use bf16-mixed or 32-true on CPU"
+        )
+
+
+def _runs_on_cpu(accelerator: str) -> bool:
+    if accelerator == "auto":
+        import torch
+
+        return not torch.cuda.is_available()
+    return accelerator == "cpu"
+
+
+# Every Stable Diffusion VAE (1.x, 2.x, XL) halves the image three times.
+DEFAULT_VAE_FACTOR = 8
+
+
+def vae_factor(model: Any) -> int:
+    """How many pixels make one latent: from `vae/config.json` of a local folder or a cached hub
+    model; SD's 8 for anything else (single files, hub ids not yet downloaded)."""
+    config = _vae_config_file(str(model.pretrained or ""), model.revision)
+    if config is None:
+        return DEFAULT_VAE_FACTOR
+    channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
+    return 2 ** (len(channels) - 1)
+
+
+def _vae_config_file(pretrained: str, revision: str | None) -> Path | None:
+    folder = Path(pretrained).expanduser()
+    if folder.is_dir():
+        path = folder / "vae" / "config.json"
+        return path if path.is_file() else None
+    if pretrained.count("/") != 1 or folder.suffix:  # not a hub id (e.g. a .safetensors file)
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(pretrained, "vae/config.json", revision=revision)
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def check_latent_shapes(cfg: Any) -> None:
+    """Training sizes must map to whole latents, or the VAE would silently crop or pad them."""
+    factor = vae_factor(cfg.model)
+    data = cfg.data
+    if data.resolution % factor:
+        lower = data.resolution // factor * factor
+        raise ConfigError(
+            f"data.resolution: {data.resolution} is not a multiple of the VAE factor {factor} — "
+            f"use {lower} or {lower + factor}"
+        )
+    if data.buckets and data.bucket_step % factor:
+        raise ConfigError(
+            f"data.bucket_step: {data.bucket_step} is not a multiple of the VAE factor {factor} — "
+            f"bucket sides must be whole latents; use {max(factor, data.bucket_step // factor * factor)}"
+        )

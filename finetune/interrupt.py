@@ -1,0 +1,93 @@
+"""SIGTERM / SIGINT: finish the optimizer step in progress, save a checkpoint, stop with a message.
+
+Lightning's own SIGTERM handling stops after the current *batch*, which under gradient accumulation
+can be halfway through a step, and saves nothing. Schedulers (SLURM, Kubernetes, spot instances)
+send SIGTERM some time before they kill, so the run uses that time to save what it has.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
+
+from finetune.errors import TrainingInterrupted
+
+log = logging.getLogger(__name__)
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignal(Checkpoint):
+    """Turns SIGTERM / SIGINT into a checkpoint at the next optimizer-step boundary and a clean stop.
+
+    A second Ctrl-C stops at once, without a checkpoint. Being a `Checkpoint`, Lightning runs it after
+    the other callbacks (EMA updates, samples), so the checkpoint sees the step complete.
+    """
+
+    def __init__(self, checkpoint_path: Path) -> None:
+        self.checkpoint_path = checkpoint_path
+        self.received: int | None = None
+        self._trainer: L.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+        self._step_at_batch_start = -1
+
+    # ----- handlers -------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread set handlers
+        self._trainer = trainer
+        # Installed after Lightning's (set at fit start), which they replace for the run.
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in SIGNALS}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.received is None:
+            log.warning(
+                "received %s: saving a checkpoint after the current step, then stopping%s",
+                signal.Signals(signum).name,
+                " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "",
+            )
+            launcher = self._trainer.strategy.launcher if self._trainer else None
+            if launcher is not None:  # ranks Lightning started itself get the news too
+                launcher.kill(signum)
+        self.received = signum
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        self._restore_handlers()
+
+    # ----- stopping at a step boundary ------------------------------------------------------
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == self._step_at_batch_start:
+            return  # mid-accumulation: the step is not finished
+        stop = self.received is not None
+        if trainer.world_size > 1:  # every rank must stop at the same step (a rank may lack the signal)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
+            return
+        trainer.save_checkpoint(self.checkpoint_path)
+        signum = self.received or signal.SIGTERM
+        raise TrainingInterrupted(
+            f"stopped by {signal.Signals(signum).name} after step {trainer.global_step}; checkpoint "
+            f"saved to {self.checkpoint_path}. Continue with resume=auto and the same run folder "
+            f"(hydra.run.dir={self.checkpoint_path.parent.parent})",
+            exit_code=128 + int(signum),
+        )

@@ -1,0 +1,119 @@
+"""A run killed at random moments and resumed each time ends bitwise equal to one never interrupted."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_module
+from PIL import Image
+from safetensors.torch import load_file
+
+STEPS = 10
+CHECKPOINT_EVERY = 3
+ADAPTER = Path("adapter") / "pytorch_lora_weights.safetensors"
+
+
+def _dataset(root: Path, count: int = 10) -> Path:
+    root.mkdir()
+    for i in range(count):
+        Image.new("RGB", (48 if i % 2 else 32, 32), (20 * i, 100, 255 - 20 * i)).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"picture {i}, zkz style")
+    return root
+
+
+def _train(tiny_model: Path, run_dir: Path, data: Path, loss_log: Path, extra: list[str], returncode):
+    """One `finetune-train` process with everything that draws random numbers switched on."""
+    args = [
+        f"model.pretrained={tiny_model}",
+        f"hydra.run.dir={run_dir}",
+        f"data.path={data}",
+        "data.batch_size=2",
+        "data.num_workers=2",
+        "data.buckets=true",
+        "data.bucket_step=8",
+        "data.random_flip=true",
+        "data.caption_dropout=0.2",
+        "method.dropout=0.1",  # LoRA dropout draws from the global RNG
+        f"trainer.max_steps={STEPS}",
+        "trainer.accelerator=cpu",
+        "trainer.accumulate_grad_batches=2",
+        "trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+        "optim.lr=1e-3",
+        "optim.scheduler=cosine",
+        "optim.warmup_steps=3",
+        f"checkpoint.every_n_steps={CHECKPOINT_EVERY}",
+        "validation.every_n_steps=4",  # sampling mid-run must not shift the training noise
+        "validation.num_inference_steps=2",
+        "validation.prompts=[a red circle]",
+        "logger=csv",
+        "seed=7",
+        "+callbacks.loss._target_=helpers.LossLog",
+        f"+callbacks.loss.path={loss_log}",
+        *extra,
+    ]
+    return run_module("finetune.train", args, returncode=returncode)
+
+
+def _read_log(path: Path) -> dict[tuple[str, ...], set[tuple[str, str]]]:
+    """(step, epoch, batch) → every (loss, lr) logged for it; a batch redone after a kill appears twice."""
+    seen: dict[tuple[str, ...], set[tuple[str, str]]] = defaultdict(set)
+    for line in path.read_text().splitlines():
+        step, epoch, batch, loss, lr = line.split()
+        seen[(step, epoch, batch)].add((loss, lr))
+    return seen
+
+
+def _kill_plan(rng: random.Random) -> list[tuple[int, str]]:
+    """Four interruptions at random steps: one during a checkpoint write, one SIGTERM, two SIGKILLs.
+
+    Each strikes at its first chance from its step on, in step order; every run but the last is
+    interrupted, since the saves at steps 3 and 6 and the steps up to 8 come after any resume point.
+    """
+    save_step = rng.choice(range(CHECKPOINT_EVERY, STEPS - CHECKPOINT_EVERY, CHECKPOINT_EVERY))
+    others = rng.sample(range(1, STEPS - 1), 3)
+    moments = ["mid-accumulation", "after-step", "sigterm"]
+    rng.shuffle(moments)
+    return sorted([(save_step, "during-save"), *zip(others, moments, strict=True)])
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_model, tmp_path):
+    seed = int(os.environ.get("FINETUNE_KILL_SEED", random.randrange(10**6)))
+    plan = _kill_plan(random.Random(seed))
+    context = f"kill plan {plan} (FINETUNE_KILL_SEED={seed} repeats it)"
+    data = _dataset(tmp_path / "data")
+
+    _train(tiny_model, tmp_path / "whole", data, tmp_path / "whole.log", [], returncode=0)
+
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    for step, moment in plan:
+        kill = ["resume=auto", "+callbacks.kill._target_=helpers.KillAt"]
+        kill += [f"+callbacks.kill.step={step}", f"+callbacks.kill.moment={moment}"]
+        expected = 128 + signal.SIGTERM if moment == "sigterm" else -signal.SIGKILL
+        done = _train(tiny_model, run_dir, data, log, kill, returncode=expected)
+        if moment == "sigterm":
+            # Sent mid-accumulation: the step is finished, saved, and the run says how to go on.
+            assert "stopped by SIGTERM" in done.stderr and "resume=auto" in done.stderr, context
+            last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+            assert last["global_step"] > step, context
+        if moment == "during-save":
+            assert list((run_dir / "checkpoints").glob(".*.tmp")), context  # the half-written file
+    _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0)
+
+    whole, resumed = _read_log(tmp_path / "whole.log"), _read_log(log)
+    assert all(len(values) == 1 for values in whole.values())
+    assert resumed.keys() == whole.keys(), context  # same steps, epochs and batches
+    # A batch trained twice (before a kill and after the resume) gave the same loss and LR both times.
+    assert resumed == whole, context
+    final, reference = load_file(run_dir / ADAPTER), load_file(tmp_path / "whole" / ADAPTER)
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(final[name], tensor), f"{name} differs; {context}"
+    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
