@@ -1,12 +1,13 @@
 # make train — the embedded default run (experiment=tiny_style: tiny model, bundled style set, CPU, ~1 min)
 # make test  — the test suite
-# Both create .venv on first use.
+# make bench — our training vs a plain diffusers-style reference loop (scripts/bench.py train; tiny model)
+# Each creates .venv on first use.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train test lint clean
+.PHONY: train test bench lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +18,27 @@ $(STAMP): pyproject.toml
 train: $(STAMP)
 	$(BIN)/finetune-train experiment=tiny_style $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Debian's Chromium and its driver, for the dashboard test (tests/test_dashboard.py). Nothing to do
+# when they are installed; installed with apt-get when missing and we are root (CI); otherwise a note,
+# and that test skips.
+.PHONY: browser
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing chromium and chromium-driver for the dashboard test"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	else \
+		echo "note: chromium/chromedriver are missing and this is not root, so tests/test_dashboard.py" \
+			"will skip; to run it: sudo apt-get install chromium chromium-driver"; \
+	fi
+
+# Tiny model on the bundled style set, our run with and without the latent cache; more via ARGS, e.g.
+# make bench ARGS="--model sd15 --resolution 512 --batch-size 8 --precision bf16-mixed --device cuda"
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/bench.py train --cache --steps 100 --warmup 10 $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -58,7 +58,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Speed: sdpa (PyTorch's fused attention) | xformers (when installed) | eager
     attention: str = "sdpa"
-    channels_last: bool | None = None  # null: on CUDA (NHWC convolutions; slower on most CPUs)
+    # NHWC convolutions. Off: on an H200 the eager SD1.5 LoRA step was slower with it (GroupNorm).
+    channels_last: bool = False
     tf32: bool = True  # TF32 matmuls for float32 work on Ampere and newer GPUs
     compile: bool = False  # torch.compile the U-Net / ControlNet (slow first steps, faster after)
 

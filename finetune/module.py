@@ -8,7 +8,6 @@ import lightning as L
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
-from lightning.pytorch.utilities import grad_norm
 
 from finetune.config import LossConfig, OptimConfig
 from finetune.losses import diffusion_loss, min_snr_weights, regression_target, sample_noise
@@ -37,6 +36,8 @@ class DiffusionModule(L.LightningModule):
         self.noise_scheduler = components.noise_scheduler
         self.prediction_type = loss.prediction_type or self.noise_scheduler.config.prediction_type
         self.nonfinite = NonFiniteSteps(optim.max_nonfinite_in_a_row)
+        self._step_losses: list[torch.Tensor] = []  # this optimizer step's micro-batch losses
+        self._trainable: list[torch.nn.Parameter] | None = None
         # Checkpoints hold only what trains; the frozen base comes from `model.pretrained` again.
         self.strict_loading = False
         # diffusers loads models in eval mode; what trains needs train mode (LoRA dropout).
@@ -95,39 +96,38 @@ class DiffusionModule(L.LightningModule):
             )
         return diffusion_loss(prediction, target, weights)
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch)
-        # Every rank must agree, or DDP would wait forever for the ranks that skipped backward.
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            self.nonfinite.skip("loss", self.global_step)
-        self.log("train/skipped_steps", float(self.nonfinite.total))
-        if not finite:
-            return None  # no backward: the optimizer step that follows finds no gradients, changes nothing
+        # No finiteness check here: it would make the CPU wait for the GPU before every backward.
+        # A NaN/inf loss gives NaN/inf gradients, and the step is judged once, before the optimizer.
+        self._step_losses.append(loss.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        gradients = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         # Norm before clipping: what the model produced, not what the clipper allowed through.
-        norms = grad_norm(self, norm_type=2)
-        total = norms.get("grad_2.0_norm_total")
+        total = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
+        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1)
+        self._step_losses = []
+        # One host sync per step. DDP has averaged the gradients, so every rank decides alike.
+        loss_ok, norm_ok = torch.stack([torch.isfinite(losses).all(), torch.isfinite(total)]).tolist()
         # Under 16-mixed, inf gradients are the grad scaler's business (it skips and rescales).
-        if (
-            total is not None
-            and not torch.isfinite(total)
-            and not str(self.trainer.precision).startswith("16")
-        ):
-            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
-            self.nonfinite.skip("gradient", self.global_step)
-            return
-        if total is not None:  # None: the step was skipped for its loss and has no gradients
+        scaler_handles_it = str(self.trainer.precision).startswith("16")
+        if loss_ok and (norm_ok or scaler_handles_it):
             self.nonfinite.passed()
             self.log("train/grad_norm", total)
+        else:
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
+            self.nonfinite.skip("gradient" if loss_ok else "loss", self.global_step)
+        self.log("train/skipped_steps", float(self.nonfinite.total))
 
     # ----- optimisation ---------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        modules = self.method.trainable_modules(self.components)
-        return [p for module in modules for p in module.parameters() if p.requires_grad]
+        if self._trainable is None:  # asked every step: walk the modules once
+            modules = self.method.trainable_modules(self.components)
+            self._trainable = [p for module in modules for p in module.parameters() if p.requires_grad]
+        return self._trainable
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg

@@ -31,14 +31,13 @@ def set_matmul_precision(cfg: Any, on_cuda: bool) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def apply_speed_settings(components: Any, cfg: Any, on_cuda: bool) -> None:
+def apply_speed_settings(components: Any, cfg: Any) -> None:
     """Attention kernel, channels-last layout and compilation of the denoiser(s), after the method
     has added its layers (LoRA, ControlNet), so that those are compiled too."""
     denoisers = [m for m in (components.unet, components.controlnet) if m is not None]
     for model in denoisers:
         set_attention(model, cfg.attention)
-    channels_last = on_cuda if cfg.channels_last is None else cfg.channels_last
-    if channels_last:  # convolutions in NHWC: tensor cores' native layout; slower on most CPUs
+    if cfg.channels_last:  # convolutions in NHWC: tensor cores' native layout; slower on most CPUs
         for model in [*denoisers, components.vae]:
             model.to(memory_format=torch.channels_last)
     if cfg.compile:

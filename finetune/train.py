@@ -70,7 +70,7 @@ def train(cfg: DictConfig) -> RunResult:
     components = load_components(cfg.model, weight_dtype_for(cfg.trainer.precision))
     method = build_method(cfg.method)
     method.prepare(components)
-    apply_speed_settings(components, cfg.model, on_cuda)
+    apply_speed_settings(components, cfg.model)
     datamodule.tokenizer = components.tokenizer
     module = DiffusionModule(components, method, cfg.loss, cfg.optim)
 

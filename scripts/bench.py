@@ -1,10 +1,17 @@
 """Benchmarks (measurements, not tests). Prints a table; run on an otherwise idle machine.
 
     .venv/bin/python scripts/bench.py data [--images 256] [--size 768x512] [--resolution 512] [--steps 60]
+    .venv/bin/python scripts/bench.py train [--model tiny|sd15|sdxl] [--resolution N] [--batch-size N]
+        [--method lora|controlnet] [--steps N] [--warmup N] [--precision 32-true|bf16-mixed]
+        [--device cpu|cuda] [--cache] [--json PATH]              (`make bench`; details: bench_train.py)
 
 `data`: images/s through decode + bucket fit + augment with 0 and 2 DataLoader workers, on a folder of
 generated JPEGs; then training steps/s of the tiny model on the bundled style set with the latent
 cache off and on (after the cache is filled, which is timed separately).
+
+`train`: our training (`finetune.train.train`) against a plain reference loop written the way
+diffusers' `train_text_to_image_lora.py` trains, in the same process on the same data: steps/s,
+images/s, start-up, peak memory, FLOPs per image, MFU on GPU, and our speed as a ratio to it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers is imported: never reach the network
 
+import bench_train  # noqa: E402  (beside this file)
 import lightning as L  # noqa: E402
 import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
@@ -134,7 +142,10 @@ def main() -> int:
     data.add_argument("--size", default="768x512", help="width x height of the generated images")
     data.add_argument("--resolution", type=int, default=512)
     data.add_argument("--steps", type=int, default=60)
+    bench_train.add_arguments(sub.add_parser("train", help="our training vs the reference loop"))
     args = parser.parse_args()
+    if args.what == "train":
+        return bench_train.main(args)
     for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "finetune"):
         logging.getLogger(noisy).setLevel(logging.WARNING)  # the table is the output
     bench_data(args)

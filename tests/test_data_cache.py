@@ -136,3 +136,11 @@ def test_training_with_the_cache_learns(tiny_model, tmp_path):
     assert len(list((tmp_path / "cache").rglob("*.safetensors"))) > 40  # images x 2 flips + captions
     lora_b = [p for n, p in result.module.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_model_identity_ignores_memory_layout():
+    from finetune.data.cache import model_identity
+
+    model = torch.nn.Conv2d(8, 4, 1).to(torch.bfloat16)  # a 1x1 convolution, as VAEs have
+    plain = model_identity(model)
+    assert model_identity(model.to(memory_format=torch.channels_last)) == plain

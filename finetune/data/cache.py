@@ -39,8 +39,9 @@ def model_identity(model: torch.nn.Module) -> str:
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        # Bytes, not values: a uint8 view works for every dtype, bfloat16 included.
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # Bytes, not values: a uint8 view works for every dtype, bfloat16 included. Flattened first:
+        # a channels-last 1x1 convolution counts as contiguous yet has no unit last stride.
+        digest.update(tensor.detach().cpu().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
