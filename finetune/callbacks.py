@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
 
+from finetune.clip_score import SampleClipScore
 from finetune.config import ValidationConfig
 from finetune.errors import ConfigError
 from finetune.files import save_png
@@ -80,13 +81,14 @@ def generate_grid(
     cfg: ValidationConfig,
     resolution: int,
     conditions: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One row per prompt, `images_per_prompt` columns, fixed seeds → a [3, H, W] grid in [0, 1].
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row per prompt, `images_per_prompt` columns, fixed seeds → a [3, H, W] grid in [0, 1], and
+    the samples alone ([N, 3, H, W], prompt by prompt).
 
     With ControlNet `conditions` ([3, H, W] in [0, 1]; prompt i uses condition i, cycling), each row
     starts with its conditioning image.
     """
-    images, count = [], cfg.images_per_prompt
+    images, samples, count = [], [], cfg.images_per_prompt
     for number, prompt in enumerate(cfg.prompts):
         generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + i) for i in range(count)]
         extra = {}
@@ -106,8 +108,9 @@ def generate_grid(
             **extra,
         )
         images.append(out.images.float().cpu())
+        samples.append(images[-1])
     columns = count + (1 if conditions else 0)
-    return make_grid(enlarge(torch.cat(images)), nrow=columns, padding=2, pad_value=1.0)
+    return make_grid(enlarge(torch.cat(images)), nrow=columns, padding=2, pad_value=1.0), torch.cat(samples)
 
 
 def validation_conditions(trainer: L.Trainer, cfg: ValidationConfig, resolution: int) -> list[torch.Tensor]:
@@ -185,6 +188,7 @@ class SampleGrid(L.Callback):
         self.saved: list[Path] = []
         self.untrained: torch.Tensor | None = None  # the step-0 grid: the base model's pictures
         self.latest: torch.Tensor | None = None
+        self.clip_score = SampleClipScore(cfg.clip_model) if cfg.clip_model else None
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._sample(trainer, module)
@@ -231,13 +235,19 @@ class SampleGrid(L.Callback):
                 conditions = None
                 if module.controlnet is not None:
                     conditions = validation_conditions(trainer, self.cfg, self.resolution)
-                grid = generate_grid(pipe, self.cfg, self.resolution, conditions)
+                grid, samples = generate_grid(pipe, self.cfg, self.resolution, conditions)
         finally:
             for submodule, training in modes.items():
                 submodule.training = training
         path = self._save(grid, step)
         for logger in trainer.loggers:
             log_image(logger, grid, step, caption=" | ".join(self.cfg.prompts))
+        if self.clip_score is not None:
+            prompts = [prompt for prompt in self.cfg.prompts for _ in range(self.cfg.images_per_prompt)]
+            score = self.clip_score(samples.to(module.device), prompts)
+            if score is not None:
+                for logger in trainer.loggers:
+                    logger.log_metrics({"val/clip_score": score}, step=step)
         log.info("samples at step %d: %s", step, path)
         self.latest = grid
 

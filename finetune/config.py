@@ -208,6 +208,9 @@ class ValidationConfig:
     # Validation loss on the `data.holdout` images: the same timesteps and noise every time, so that
     # runs and steps compare; logged as val/loss at every sample step.
     loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    # CLIP score of the samples against their prompts (val/clip_score): a CLIP model folder or a hub
+    # id already downloaded, e.g. openai/clip-vit-large-patch14. Skipped with a notice if it won't load.
+    clip_model: str | None = None
     # ControlNet: conditioning images for the samples (prompt i uses image i, cycling); raw photos
     # when data.conditioning names a preprocessor. Empty: those of the first training samples.
     conditioning_images: list[str] = field(default_factory=list)
