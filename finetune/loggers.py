@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -86,3 +87,20 @@ def wandb_logger(save_dir: str, continue_run: bool = False, **kwargs: Any) -> Wa
         kwargs.update(id=previous[0], resume="allow")
     os.makedirs(save_dir, exist_ok=True)
     return WandbLogger(save_dir=save_dir, offline=offline, **kwargs)
+
+
+def log_exports(loggers: list[Logger], exported: dict[str, Path], run_name: str, step: int) -> None:
+    """The exported files as a W&B model artifact of the run (uploaded with it, or by `wandb sync`)."""
+    import wandb
+
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger) or not exported:
+            continue
+        name = re.sub(r"[^\w.-]", "_", run_name) + "-export"  # W&B artifact names: letters, digits, - _ .
+        artifact = wandb.Artifact(name, type="model", metadata={"step": step})
+        for path in exported.values():
+            if path.is_dir():
+                artifact.add_dir(str(path), name=path.name)
+            else:
+                artifact.add_file(str(path), name=f"{path.parent.name}/{path.name}")
+        logger.experiment.log_artifact(artifact)

@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> RunResult:
 
     from finetune.checkpoints import SafeCheckpointIO, resolve_resume
     from finetune.data import CaptionedImageDataModule
-    from finetune.loggers import build_loggers, log_config
+    from finetune.loggers import build_loggers, log_config, log_exports
     from finetune.methods import build_method
     from finetune.models import load_components, weight_dtype_for
     from finetune.module import DiffusionModule
@@ -100,6 +100,7 @@ def train(cfg: DictConfig) -> RunResult:
         summary = dict(method.summary(), prediction_type=module.prediction_type)
         metadata = _export_metadata(cfg, summary, trainer.global_step, num_images)
         result.exported = _export(method, components, run_dir, metadata, trainer.global_step)
+        log_exports(loggers, result.exported, cfg.name, trainer.global_step)
     return result
 
 

@@ -44,11 +44,20 @@ def test_wandb_online_when_an_api_key_is_set(tmp_path: Path, monkeypatch: pytest
 def test_tensorboard_and_wandb_get_scalars_images_and_masked_config(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import wandb
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("WANDB_MODE", "offline")
+    logged_artifacts = []
+    real_log_artifact = wandb.sdk.wandb_run.Run.log_artifact
+
+    def log_artifact(self, artifact, *args, **kwargs):
+        logged_artifacts.append(artifact)
+        return real_log_artifact(self, artifact, *args, **kwargs)
+
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "log_artifact", log_artifact)
     secret = "sk-do-not-leak-1234"
     overrides = fast_overrides(tiny_model, tmp_path / "run", steps=2)
     overrides += ["logger=[tensorboard,wandb]", f"+wandb_api_key={secret}"]
@@ -58,6 +67,11 @@ def test_tensorboard_and_wandb_get_scalars_images_and_masked_config(
     assert {"train/loss", "train/grad_norm"} <= set(events.Tags()["scalars"])
     assert {"samples", "before_after"} <= set(events.Tags()["images"])
     assert list((run.run_dir / "wandb").glob("offline-run-*"))
+    (artifact,) = logged_artifacts  # the export, as a model artifact of the run
+    assert artifact.type == "model"
+    assert {"adapter/pytorch_lora_weights.safetensors", "adapter/lora_kohya.safetensors"} <= set(
+        artifact.manifest.entries
+    )
     for path in run.run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
