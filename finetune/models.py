@@ -8,10 +8,12 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import SingleFileComponentError
@@ -57,15 +59,37 @@ def resolve_source(cfg: ModelConfig) -> str:
     return str(path) if path.exists() else cfg.pretrained
 
 
-def load_pipeline(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The whole pipeline, for sampling (`finetune-generate`) and single-file checkpoints."""
+def load_pipeline(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, allow_unsafe_pickle: bool = False
+) -> StableDiffusionPipeline:
+    """The whole pipeline, for sampling (`finetune-generate`) and single-file checkpoints.
+
+    A `.ckpt` is read with `torch.load(weights_only=True)`; one that needs more is refused unless
+    `allow_unsafe_pickle`, which unpickles it fully (it can run code) into a temporary .safetensors.
+    """
     source = resolve_source(cfg)
     common = dict(torch_dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    if source.endswith(".ckpt") and allow_unsafe_pickle:
+        with tempfile.TemporaryDirectory() as folder:
+            tensors = _unpickled_tensors(source, Path(folder) / "weights.safetensors")
+            return _load_single_file(str(tensors), resolve_single_file_config(cfg), common)
     if source.endswith(SINGLE_FILE_SUFFIXES):
         return _load_single_file(source, resolve_single_file_config(cfg), common)
     return StableDiffusionPipeline.from_pretrained(
         source, revision=cfg.revision, variant=cfg.variant, **common
     )
+
+
+def _unpickled_tensors(ckpt: str, out: Path) -> Path:
+    """The tensors of a `.ckpt` that needs full unpickling, as a .safetensors file (the opt-in path)."""
+    log.warning("allow_unsafe_pickle: unpickling %s fully — only do this with files you trust", ckpt)
+    content = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = content.get("state_dict", content) if isinstance(content, dict) else {}
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ConfigError(f"model.pretrained: {ckpt} holds no tensors")
+    safetensors.torch.save_file(tensors, out)
+    return out
 
 
 def resolve_single_file_config(cfg: ModelConfig) -> str | None:
@@ -119,11 +143,13 @@ def _single_file_error(source: str, config: str | None, error: Exception) -> Con
     return ConfigError(f"{key}: cannot load single-file checkpoint '{source}': {hint} ({detail})")
 
 
-def load_components(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> Components:
+def load_components(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, allow_unsafe_pickle: bool = False
+) -> Components:
     """Load unet, vae, text encoder, tokenizer and the DDPM training scheduler, frozen, in `dtype`."""
     source = resolve_source(cfg)
     if source.endswith(SINGLE_FILE_SUFFIXES):
-        pipe = load_pipeline(cfg, dtype)
+        pipe = load_pipeline(cfg, dtype, allow_unsafe_pickle)
         unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     else:

@@ -107,8 +107,8 @@ class DiffusionModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         gradients = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         # Norm before clipping: what the model produced, not what the clipper allowed through.
-        total = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
-        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1)
+        total = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1, device=self.device)
         self._step_losses = []
         # One host sync per step. DDP has averaged the gradients, so every rank decides alike.
         loss_ok, norm_ok = torch.stack([torch.isfinite(losses).all(), torch.isfinite(total)]).tolist()

@@ -146,6 +146,21 @@ def test_ckpt_with_python_objects_is_refused_unrun(
     assert not marker.exists()
 
 
+class _Note:
+    """A plain Python object in a .ckpt: harmless, but weights_only loading refuses it."""
+
+
+def test_a_ckpt_needing_full_unpickling_loads_only_when_allowed(
+    tiny_model: Path, single_file: Path, reference: Components, tmp_path: Path
+) -> None:
+    ckpt = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": load_file(single_file), "note": _Note()}, ckpt)
+    cfg = ModelConfig(pretrained=str(ckpt), single_file_config=str(tiny_model))
+    with pytest.raises(ConfigError, match="weights_only"):
+        load_components(cfg)
+    assert_same_models(load_components(cfg, allow_unsafe_pickle=True), reference)
+
+
 def test_load_pipeline_generates_like_the_folder(tiny_model: Path, single_file: Path) -> None:
     def generate(pipe: StableDiffusionPipeline) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
