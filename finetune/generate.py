@@ -85,8 +85,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     """Generate `count` images per prompt; returns the PNG paths (existing files are never replaced)."""
     import torch
 
-    from finetune.callbacks import sampler_from
     from finetune.models import load_pipeline
+    from finetune.samples import sampler_from
 
     prompts = _prompts(cfg)
     device, dtype = _device_and_dtype(cfg)

@@ -146,7 +146,7 @@ def _report_data(datamodule: Any, run_dir: Path, loggers: list) -> None:
 
 
 def _sample_callback(cfg: DictConfig, run_dir: Path):
-    from finetune.callbacks import SampleGrid
+    from finetune.samples import SampleGrid
 
     return SampleGrid(cfg.validation, run_dir / "samples", cfg.data.resolution)
 

@@ -22,9 +22,9 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from finetune.callbacks import SAMPLERS, sampler_from  # noqa: E402
 from finetune.evaluation import adherence, style_strength  # noqa: E402
 from finetune.files import atomic_path, save_png  # noqa: E402
+from finetune.samples import SAMPLERS, sampler_from  # noqa: E402
 from finetune.shapes import COLOURS, SHAPES, STYLE_SUFFIX, caption_for  # noqa: E402
 
 GRID_COLUMNS = 8

@@ -1,6 +1,7 @@
 """Captioned-image data: find records (sources), screen and decode them safely, batch them by bucket."""
 
-from finetune.data.datamodule import CaptionedImageDataModule, CaptionedImageDataset
+from finetune.data.datamodule import CaptionedImageDataModule
+from finetune.data.dataset import CaptionedImageDataset
 from finetune.data.images import IMAGE_EXTENSIONS, ImageDecodeError, open_image, to_rgb
 from finetune.data.records import Fixed, ImageRecord, ScanResult, Skipped
 from finetune.data.sources import find_records

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from finetune.data.buckets import fit_to
 from finetune.data.cache import CacheStore, DataCache, batched, model_identity, plan_cache
 from finetune.data.captions import CaptionStyle, tokenize_batch
-from finetune.data.datamodule import TO_TENSOR
+from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord, Skipped
 

@@ -20,7 +20,7 @@ from torch.utils.data import IterableDataset
 
 from finetune.data.buckets import choose_crop, fit_to
 from finetune.data.captions import CaptionStyle, tokenize
-from finetune.data.datamodule import TO_TENSOR
+from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError, decode_value, value_header
 from finetune.errors import ConfigError, DataError
 
