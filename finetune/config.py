@@ -211,6 +211,9 @@ class ValidationConfig:
     # CLIP score of the samples against their prompts (val/clip_score): a CLIP model folder or a hub
     # id already downloaded, e.g. openai/clip-vit-large-patch14. Skipped with a notice if it won't load.
     clip_model: str | None = None
+    # FID and KID, at the end of training, of samples from the data.holdout captions against those
+    # images: the Inception weights file torch-fidelity uses (pt_inception-2015-12-05), on disk.
+    inception_weights: str | None = None
     # ControlNet: conditioning images for the samples (prompt i uses image i, cycling); raw photos
     # when data.conditioning names a preprocessor. Empty: those of the first training samples.
     conditioning_images: list[str] = field(default_factory=list)

@@ -90,7 +90,7 @@ def train(cfg: DictConfig) -> RunResult:
         plugins=[SafeCheckpointIO(allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))],
         logger=loggers or False,
         # the method's callbacks (EMA) run before sampling, which then sees their result
-        callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples, _validation_loss(cfg)],
+        callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples, *_validation_metrics(cfg)],
     )
     log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
     trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
@@ -151,11 +151,17 @@ def _sample_callback(cfg: DictConfig, run_dir: Path):
     return SampleGrid(cfg.validation, run_dir / "samples", cfg.data.resolution)
 
 
-def _validation_loss(cfg: DictConfig):
+def _validation_metrics(cfg: DictConfig) -> list:
+    """The validation loss, and FID / KID when Inception weights are given."""
     from finetune.validation_loss import ValidationLoss
 
     validation = cfg.validation
-    return ValidationLoss(validation.loss_timesteps, validation.every_n_steps, validation.seed)
+    metrics = [ValidationLoss(validation.loss_timesteps, validation.every_n_steps, validation.seed)]
+    if validation.inception_weights:
+        from finetune.image_metrics import HoldoutFidelity
+
+        metrics.append(HoldoutFidelity(validation))
+    return metrics
 
 
 def _callbacks(cfg: DictConfig, run_dir: Path) -> list:

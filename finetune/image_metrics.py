@@ -1,0 +1,118 @@
+"""FID and KID at the end of training: samples from the held-out captions against the held-out images.
+
+torchmetrics computes both from Inception features; the Inception weights must be on disk (nothing
+is downloaded), and torch-fidelity installed (`pip install finetune[metrics]`). Without either, or
+without `data.holdout` images, the metrics are skipped with one notice.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from finetune.callbacks import on_device
+from finetune.config import ValidationConfig
+from finetune.samples import pipeline_from
+
+log = logging.getLogger(__name__)
+
+
+def load_inception(weights: str) -> torch.nn.Module | None:
+    """torch-fidelity's Inception (2048 features), from a local weights file; None with a notice."""
+    if importlib.util.find_spec("torch_fidelity") is None:
+        log.warning(
+            "validation.inception_weights: FID/KID need torch-fidelity (pip install torch-fidelity); skipped"
+        )
+        return None
+    try:
+        # torch-fidelity unpickles the file fully: check first that it holds only tensors.
+        torch.load(weights, map_location="cpu", weights_only=True)
+        return NoTrainInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=weights)
+    except (OSError, RuntimeError, ValueError) as error:
+        log.warning("validation.inception_weights: cannot load '%s' (%s); FID/KID skipped", weights, error)
+        return None
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[N, 3, H, W] in [0, 1] → uint8, as the Inception features expect."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class HoldoutFidelity(L.Callback):
+    """At the end of training (rank 0): one sample per held-out caption (seed `validation.seed + i`),
+    then FID and KID of those samples against the held-out images, as val/fid and val/kid."""
+
+    def __init__(self, cfg: ValidationConfig) -> None:
+        self.cfg = cfg
+        self.scores: dict[str, float] = {}
+
+    def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or not self.cfg.inception_weights:
+            return
+        datamodule = trainer.datamodule
+        if not getattr(datamodule, "holdout", None):
+            log.warning(
+                "validation.inception_weights: FID/KID need held-out images (data.holdout=N); skipped"
+            )
+            return
+        inception = load_inception(self.cfg.inception_weights)
+        if inception is None:
+            return
+        real, fake = self._images(trainer, module)
+        count = real.shape[0]
+        fid = FrechetInceptionDistance(feature=inception)
+        kid = KernelInceptionDistance(feature=inception, subsets=10, subset_size=count)
+        for metric in (fid, kid):
+            metric.update(real, real=True)
+            metric.update(fake, real=False)
+        self.scores = {"val/fid": float(fid.compute()), "val/kid": float(kid.compute()[0])}
+        trainer.callback_metrics.update({name: torch.tensor(value) for name, value in self.scores.items()})
+        for logger in trainer.loggers:
+            logger.log_metrics(self.scores, step=trainer.global_step)
+        log.info("on %d held-out images: FID %.2f, KID %.4f", count, *self.scores.values())
+
+    @torch.no_grad()
+    def _images(self, trainer: L.Trainer, module: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out images and a sample for each caption, at the image's size, as uint8."""
+        dataset = trainer.datamodule.holdout_dataset()
+        data_cfg = trainer.datamodule.cfg
+        real, fake = [], []
+        module.eval()
+        with (
+            torch.random.fork_rng(devices=[module.device.index or 0] if module.device.type == "cuda" else []),
+            on_device(module.device, module.vae, module.text_encoder),
+            trainer.precision_plugin.forward_context(),
+            module.method.inference_weights(),
+        ):
+            pipe = pipeline_from(module, self.cfg.scheduler)
+            for index, (record, _) in enumerate(trainer.datamodule.holdout):
+                image = dataset[(index, 0)]["pixel_values"]  # [-1, 1]
+                prompt = f"{data_cfg.caption_prefix}{record.caption or ''}{data_cfg.caption_suffix}"
+                generator = torch.Generator("cpu").manual_seed(self.cfg.seed + index)
+                sample = pipe(
+                    prompt,
+                    height=image.shape[1],
+                    width=image.shape[2],
+                    num_inference_steps=self.cfg.num_inference_steps,
+                    guidance_scale=self.cfg.guidance_scale,
+                    generator=generator,
+                    output_type="pt",
+                ).images
+                real.append(to_uint8((image[None] + 1) / 2))
+                fake.append(to_uint8(sample.float().cpu()))
+        # Different bucket sizes: the Inception resizes each to 299 px, so batch them one by one.
+        return _stack(real), _stack(fake)
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    size = images[0].shape[-2:]
+    if all(image.shape[-2:] == size for image in images):
+        return torch.cat(images)
+    resized = [torch.nn.functional.interpolate(i.float(), size=size, mode="bilinear") for i in images]
+    return torch.cat(resized).round().to(torch.uint8)
