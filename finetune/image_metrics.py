@@ -18,6 +18,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from finetune.callbacks import on_device
 from finetune.config import ValidationConfig
+from finetune.rng import forked_rng
 from finetune.samples import pipeline_from
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class HoldoutFidelity(L.Callback):
         real, fake = [], []
         module.eval()
         with (
-            torch.random.fork_rng(devices=[module.device.index or 0] if module.device.type == "cuda" else []),
+            forked_rng(module.device),
             on_device(module.device, module.vae, module.text_encoder),
             trainer.precision_plugin.forward_context(),
             module.method.inference_weights(),

@@ -43,6 +43,11 @@ def restore_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def forked_rng(device: torch.device) -> Any:
+    """A block whose random draws (CPU, and `device` if CUDA) leave the training stream as it was."""
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+
 class RandomStates(L.Callback):
     """Saves every rank's random states with each checkpoint and puts them back on resume.
 

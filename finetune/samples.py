@@ -26,6 +26,7 @@ from finetune.clip_score import SampleClipScore
 from finetune.config import ValidationConfig
 from finetune.errors import ConfigError
 from finetune.files import save_png
+from finetune.rng import forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -191,10 +192,9 @@ class SampleGrid(L.Callback):
         modes = {m: m.training for m in module.modules()}
         module.eval()
         # A forked RNG: sampling (and how often it happens) never shifts the training noise stream.
-        cuda = [module.device.index or 0] if module.device.type == "cuda" else []
         try:
             with (
-                torch.random.fork_rng(devices=cuda),
+                forked_rng(module.device),
                 on_device(module.device, module.vae, module.text_encoder),
                 trainer.precision_plugin.forward_context(),
                 module.method.inference_weights(),

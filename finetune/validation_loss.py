@@ -11,6 +11,7 @@ from torchmetrics import MeanMetric
 
 from finetune.callbacks import on_device
 from finetune.errors import ConfigError
+from finetune.rng import forked_rng
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,9 @@ class ValidationLoss(L.Callback):
         mean = MeanMetric(sync_on_compute=True).to(module.device)
         modes = {m: m.training for m in module.modules()}
         module.eval()
-        cuda = [module.device.index or 0] if module.device.type == "cuda" else []
         try:
             with (
-                torch.random.fork_rng(devices=cuda),  # training's random stream is left as it was
+                forked_rng(module.device),  # training's random stream is left as it was
                 torch.no_grad(),
                 on_device(module.device, module.vae, module.text_encoder),
                 trainer.precision_plugin.forward_context(),
