@@ -169,7 +169,8 @@ class DataConfig(SourceConfig):
     holdout: int = 0
     # Loading
     batch_size: int = 1
-    num_workers: int = 0
+    # Decoding processes; null: 4 (at most half the CPUs) when training on a GPU, else 0 (in-process)
+    num_workers: int | None = None
     shuffle: bool = True
 
 

@@ -109,3 +109,17 @@ def test_datamodule_batches_follow_buckets(tmp_path):
     module.setup("fit")
     shapes = sorted(tuple(batch["pixel_values"].shape) for batch in module.train_dataloader())
     assert shapes == [(1, 3, 32, 32), (1, 3, 64, 16), (2, 3, 16, 48)]
+
+
+def test_decoding_workers_default_to_the_gpu_case_only(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import torch
+
+    module = CaptionedImageDataModule(DataConfig(path=str(tmp_path)), seed=0)
+    assert module._default_workers() == 0  # no trainer: the CPU case, decode in-process
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    module.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cuda", 0)))
+    assert module._default_workers() == 4
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert module._default_workers() == 2

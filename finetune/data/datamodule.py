@@ -8,6 +8,7 @@ same (bucket) size.
 from __future__ import annotations
 
 import logging
+import os
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -168,7 +169,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> Any:
         if self.dataset is None:
             self.setup("fit")
-        workers = self.cfg.num_workers
+        workers = self.cfg.num_workers if self.cfg.num_workers is not None else self._default_workers()
         if self.cfg.streaming:  # the stream shards and shuffles itself
             return DataLoader(
                 self.dataset,
@@ -189,6 +190,12 @@ class CaptionedImageDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
         )
 
+    def _default_workers(self) -> int:
+        """On a GPU, decoding in the training process would leave the GPU waiting; on the CPU,
+        worker processes only compete with training for the same cores."""
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return min(4, (os.cpu_count() or 2) // 2) if on_gpu else 0
+
     def _check_config(self) -> None:
         cfg = self.cfg
         if cfg.crop not in CROPS:
@@ -198,7 +205,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         for key in ("resolution", "batch_size", "bucket_step", "max_pixels"):
             if getattr(cfg, key) < 1:
                 raise ConfigError(f"data.{key}: {getattr(cfg, key)} must be at least 1")
-        if cfg.num_workers < 0:
+        if cfg.num_workers is not None and cfg.num_workers < 0:
             raise ConfigError(f"data.num_workers: {cfg.num_workers} must be 0 or more")
         if cfg.keep_tokens < 0:
             raise ConfigError(f"data.keep_tokens: {cfg.keep_tokens} must be 0 or more")
