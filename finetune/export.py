@@ -12,14 +12,9 @@ tensors are 0-dim float32. Every header value is a string.
 
 from __future__ import annotations
 
-import datetime
-import hashlib
 import json
 import math
-import os
-import re
 import shutil
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,24 +27,11 @@ from peft.utils import get_peft_model_state_dict
 
 from finetune.errors import FinetuneError
 from finetune.files import atomic_dir
+from finetune.kohya_metadata import kohya_metadata, merge_metadata
 
 ADAPTER_NAME = "default"
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
 DEFAULT_KOHYA_NAME = "lora_kohya.safetensors"
-
-# Caller metadata keys (generic names) that kohya / A1111 tools know under another name.
-# fmt: off
-KOHYA_KEYS = {
-    "base_model": "ss_sd_model_name", "steps": "ss_steps", "epochs": "ss_epoch",
-    "num_train_images": "ss_num_train_images", "batch_size": "ss_total_batch_size",
-    "learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_scheduler", "optimizer": "ss_optimizer",
-    "mixed_precision": "ss_mixed_precision", "seed": "ss_seed", "noise_offset": "ss_noise_offset",
-    "snr_gamma": "ss_min_snr_gamma", "tag_frequency": "ss_tag_frequency",
-}
-# fmt: on
-# ...and the ones the SAI model spec (`modelspec.*`, read by ComfyUI and others) defines.
-MODELSPEC_KEYS = ("title", "description", "author", "license", "usage_hint", "trigger_phrase", "tags")
-_SGM = "https://github.com/Stability-AI/generative-models"  # modelspec implementation of SDXL LoRA
 
 
 class ExportExistsError(FinetuneError, FileExistsError):
@@ -79,7 +61,7 @@ def export_lora(
     # Build everything before touching the disk, so that a bad model or metadata leaves nothing behind.
     common = _common_metadata(metadata, unet, text_encoder, adapter_name)
     kohya_sd = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype)
-    kohya_header = _kohya_metadata(common, kohya_sd, unet, Path(kohya_name).stem)
+    kohya_header = kohya_metadata(common, kohya_sd, unet, Path(kohya_name).stem)
     unet_layers = _diffusers_layers(unet, adapter_name, dtype)
     te_layers = _diffusers_layers(text_encoder, adapter_name, dtype) if text_encoder is not None else None
     diffusers_header = {**common, "format": "pt"}
@@ -195,21 +177,7 @@ def _common_metadata(
         computed["text_encoder_rank"] = str(te_config.r)
         computed["text_encoder_alpha"] = str(te_config.lora_alpha)
         computed["text_encoder_target_modules"] = _targets(te_config)
-    return _merge(dict(metadata), computed)
-
-
-def _merge(into: dict[str, str], computed: dict[str, str]) -> dict[str, str]:
-    """Add `computed` to the caller's keys; a caller value that contradicts the weights is an error."""
-    for key, value in computed.items():
-        given = into.get(key, value)
-        if given != value and not (_is_number(given) and _is_number(value) and float(given) == float(value)):
-            raise ValueError(f"metadata {key}={given!r} contradicts the adapter ({value!r})")
-        into[key] = value
-    return into
-
-
-def _is_number(text: str) -> bool:
-    return re.fullmatch(r"-?\d+(\.\d*)?", text) is not None
+    return merge_metadata(dict(metadata), computed)
 
 
 def _lora_adapter_metadata(
@@ -223,81 +191,6 @@ def _lora_adapter_metadata(
         for key, value in _peft_config(model, adapter_name).to_dict().items():
             packed[f"{prefix}.{key}"] = sorted(value) if isinstance(value, set) else value
     return json.dumps(packed, indent=2, sort_keys=True)
-
-
-def _base_model_version(unet: torch.nn.Module, prediction_type: str | None) -> tuple[str, str, str]:
-    """(ss_base_model_version, modelspec architecture, modelspec implementation) from the U-Net config."""
-    config = unet.config
-    if config.get("addition_embed_type") == "text_time":
-        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", _SGM
-    if config.get("cross_attention_dim") == 1024:
-        if prediction_type in ("v", "v_prediction"):
-            return "sd_v2_v", "stable-diffusion-v2-768-v", "diffusers"
-        return "sd_v2", "stable-diffusion-v2-512", "diffusers"
-    return "sd_v1", "stable-diffusion-v1", "diffusers"
-
-
-def _parse_resolution(text: str) -> tuple[int, int] | None:
-    """ "512" -> (512, 512); "768x512", "768,512" or "(768, 512)" -> (768, 512)."""
-    sizes = [int(n) for n in re.findall(r"\d+", text)]
-    return (sizes[0], sizes[-1]) if len(sizes) in (1, 2) else None
-
-
-def _kohya_metadata(
-    common: dict[str, str], state_dict: dict[str, torch.Tensor], unet: torch.nn.Module, default_title: str
-) -> dict[str, str]:
-    """The header kohya sd-scripts writes (`ss_*`, `sshs_*`) plus the SAI model spec (`modelspec.*`)."""
-    ranks = Counter(v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_down.weight"))
-    alphas = Counter(round(v.item(), 6) for k, v in state_dict.items() if k.endswith(".alpha"))
-    prediction = common.get("prediction_type")
-    version, architecture, implementation = _base_model_version(unet, prediction)
-    data_hash = _tensor_data_sha256(state_dict)
-    computed = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.most_common(1)[0][0]),
-        "ss_network_alpha": str(float(alphas.most_common(1)[0][0])),
-        "ss_base_model_version": version,
-        "ss_v2": str(version.startswith("sd_v2")),
-        "ss_training_finished_at": str(datetime.datetime.now().timestamp()),
-        # A1111 identifies LoRA files by this hash of the tensor bytes; precomputed saves it a file read.
-        "sshs_model_hash": data_hash,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": implementation,
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-        "modelspec.hash_sha256": f"0x{data_hash}",
-    }
-    for generic, kohya_key in KOHYA_KEYS.items():
-        if generic in common:
-            computed[kohya_key] = common[generic]
-    if "base_model" in common and os.path.exists(common["base_model"]):
-        # kohya keeps only the folder/file name of a local base model: the full path is the user's business.
-        computed["ss_sd_model_name"] = os.path.basename(os.path.normpath(common["base_model"]))
-    for key in MODELSPEC_KEYS:
-        if key in common:
-            computed[f"modelspec.{key}"] = common[key]
-    computed.setdefault("modelspec.title", default_title)
-    resolution = _parse_resolution(common.get("resolution", ""))
-    if resolution is not None:
-        computed["ss_resolution"] = str(resolution)  # kohya writes the (width, height) tuple
-        computed["modelspec.resolution"] = f"{resolution[0]}x{resolution[1]}"
-    if prediction is not None:
-        computed["modelspec.prediction_type"] = "v" if prediction in ("v", "v_prediction") else prediction
-    # Keys derived from the weights must agree with any caller value; the other kohya keys the caller
-    # may set itself (e.g. its own modelspec.title or ss_sd_model_name).
-    owned = ("ss_network_", "sshs_", "modelspec.hash_")
-    return _merge(dict(common), {k: v for k, v in computed.items() if k not in common or k.startswith(owned)})
-
-
-def _tensor_data_sha256(state_dict: dict[str, torch.Tensor]) -> str:
-    """SHA-256 of the safetensors data section (all bytes after the header), as A1111 computes it.
-
-    The data section does not depend on the header, so hashing a header-less serialisation gives the
-    hash of the file we are about to write.
-    """
-    raw = safetensors.torch.save(state_dict)
-    header_size = int.from_bytes(raw[:8], "little")
-    return hashlib.sha256(raw[8 + header_size :]).hexdigest()
 
 
 def _check_kohya_name(name: str) -> None:
