@@ -16,10 +16,8 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from finetune.callbacks import on_device
 from finetune.config import ValidationConfig
-from finetune.rng import forked_rng
-from finetune.samples import pipeline_from
+from finetune.samples import sampling_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +82,7 @@ class HoldoutFidelity(L.Callback):
         dataset = trainer.datamodule.holdout_dataset()
         data_cfg = trainer.datamodule.cfg
         real, fake = [], []
-        module.eval()
-        with (
-            forked_rng(module.device),
-            on_device(module.device, module.vae, module.text_encoder),
-            trainer.precision_plugin.forward_context(),
-            module.method.inference_weights(),
-        ):
-            pipe = pipeline_from(module, self.cfg.scheduler)
+        with sampling_pipeline(trainer, module, self.cfg.scheduler) as pipe:
             for index, (record, _) in enumerate(trainer.datamodule.holdout):
                 image = dataset[(index, 0)]["pixel_values"]  # [-1, 1]
                 prompt = f"{data_cfg.caption_prefix}{record.caption or ''}{data_cfg.caption_suffix}"

@@ -4,6 +4,8 @@ saves them and sends them (and their CLIP score) to the dashboard."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,28 @@ def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffu
         pipe = StableDiffusionPipeline(**common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@contextmanager
+def sampling_pipeline(
+    trainer: L.Trainer, module: Any, sampler: str | None
+) -> Iterator[StableDiffusionPipeline]:
+    """The module's live weights as a pipeline, for a block: eval mode, the weights an export would
+    hold (EMA), models on the device, training's precision, and a forked RNG, so that sampling (and
+    how often it happens) never shifts the training noise stream."""
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        with (
+            forked_rng(module.device),
+            on_device(module.device, module.vae, module.text_encoder),
+            trainer.precision_plugin.forward_context(),
+            module.method.inference_weights(),
+        ):
+            yield pipeline_from(module, sampler)
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
 
 
 @torch.no_grad()
@@ -189,24 +213,11 @@ class SampleGrid(L.Callback):
         if not trainer.is_global_zero or step == self.last_step or not self.cfg.prompts:
             return
         self.last_step = step
-        modes = {m: m.training for m in module.modules()}
-        module.eval()
-        # A forked RNG: sampling (and how often it happens) never shifts the training noise stream.
-        try:
-            with (
-                forked_rng(module.device),
-                on_device(module.device, module.vae, module.text_encoder),
-                trainer.precision_plugin.forward_context(),
-                module.method.inference_weights(),
-            ):
-                pipe = pipeline_from(module, self.cfg.scheduler)
-                conditions = None
-                if module.controlnet is not None:
-                    conditions = validation_conditions(trainer, self.cfg, self.resolution)
-                grid, samples = generate_grid(pipe, self.cfg, self.resolution, conditions)
-        finally:
-            for submodule, training in modes.items():
-                submodule.training = training
+        with sampling_pipeline(trainer, module, self.cfg.scheduler) as pipe:
+            conditions = None
+            if module.controlnet is not None:
+                conditions = validation_conditions(trainer, self.cfg, self.resolution)
+            grid, samples = generate_grid(pipe, self.cfg, self.resolution, conditions)
         path = self._save(grid, step)
         for logger in trainer.loggers:
             log_image(logger, grid, step, caption=" | ".join(self.cfg.prompts))
