@@ -90,7 +90,7 @@ def generate(cfg: DictConfig) -> list[Path]:
 
     prompts = _prompts(cfg)
     device, dtype = _device_and_dtype(cfg)
-    pipe = load_pipeline(cfg.model, dtype)
+    pipe = load_pipeline(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
     pipe.scheduler = sampler_from(pipe.scheduler, cfg.scheduler)
     extra = {}
     if cfg.adapter:

@@ -69,3 +69,28 @@ def test_adapter_dir_and_kohya_file_change_the_images_and_scale_zero_does_not(
 def test_missing_adapter_is_a_clear_error(tiny_model: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="adapter"):
         run(tiny_model, tmp_path / "x", f"adapter={tmp_path / 'nope'}")
+
+
+class _Note:
+    """A plain Python object in a .ckpt: harmless, but weights_only loading refuses it."""
+
+
+def test_a_ckpt_model_needing_full_unpickling_opens_only_when_allowed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune.config import ModelConfig
+    from finetune.convert import save_single_file
+    from finetune.models import load_components
+
+    single = save_single_file(
+        load_components(ModelConfig(pretrained=str(tiny_model))), tmp_path / "m.safetensors"
+    )
+    ckpt = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": load_file(single), "note": _Note()}, ckpt)
+    model = [f"model.pretrained={ckpt}", f"model.single_file_config={tiny_model}"]
+    with pytest.raises(ConfigError, match="weights_only"):
+        run(tiny_model, tmp_path / "refused", *model)
+    assert len(run(tiny_model, tmp_path / "out", *model, "allow_unsafe_pickle=true")) == 4
