@@ -52,7 +52,20 @@ class SafeCheckpointIO(TorchCheckpointIO):
             ) from error
 
 
-class StepCheckpoint(ModelCheckpoint):
+class StepBoundary:
+    """Callback mixin: `completed_a_step(trainer)` at batch end tells whether this batch finished an
+    optimizer step (False mid-accumulation): the only moments a checkpoint is exact."""
+
+    _step_at_batch_start = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def completed_a_step(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step != self._step_at_batch_start
+
+
+class StepCheckpoint(StepBoundary, ModelCheckpoint):
     """Lightning's ModelCheckpoint, saving only at the end of a batch that completed an optimizer step.
 
     Lightning checks the step count alone: resumed at a multiple of `every_n_train_steps` with
@@ -60,13 +73,8 @@ class StepCheckpoint(ModelCheckpoint):
     would skip the micro-batch whose gradient it never held.
     """
 
-    _step_at_batch_start = -1
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step != self._step_at_batch_start:
+        if self.completed_a_step(trainer):
             super().on_train_batch_end(trainer, *args)
 
 

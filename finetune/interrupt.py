@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
+from finetune.checkpoints import StepBoundary
 from finetune.errors import TrainingInterrupted
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class StopOnSignal(Checkpoint):
+class StopOnSignal(StepBoundary, Checkpoint):
     """Turns SIGTERM / SIGINT into a checkpoint at the next optimizer-step boundary and a clean stop.
 
     A second Ctrl-C stops at once, without a checkpoint. Being a `Checkpoint`, Lightning runs it after
@@ -36,7 +37,6 @@ class StopOnSignal(Checkpoint):
         self.received: int | None = None
         self._trainer: L.Trainer | None = None
         self._previous: dict[int, Any] = {}
-        self._step_at_batch_start = -1
 
     # ----- handlers -------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -72,11 +72,8 @@ class StopOnSignal(Checkpoint):
         self._restore_handlers()
 
     # ----- stopping at a step boundary ------------------------------------------------------
-    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
-        self._step_at_batch_start = trainer.global_step
-
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.global_step == self._step_at_batch_start:
+        if not self.completed_a_step(trainer):
             return  # mid-accumulation: the step is not finished
         stop = self.received is not None
         if trainer.world_size > 1:  # every rank must stop at the same step (a rank may lack the signal)

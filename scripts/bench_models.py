@@ -24,16 +24,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from finetune.clip_vocab import build_tokenizer
 
-SD15_UNET: dict[str, Any] = {
-    "sample_size": 64,
+# What the SD1.5 and SDXL U-Nets share.
+_UNET_SHARED: dict[str, Any] = {
     "in_channels": 4,
     "out_channels": 4,
-    "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
     "norm_num_groups": 32,
     "norm_eps": 1e-5,
     "act_fn": "silu",
@@ -43,12 +38,20 @@ SD15_UNET: dict[str, Any] = {
     "mid_block_scale_factor": 1,
 }
 
+SD15_UNET: dict[str, Any] = {
+    **_UNET_SHARED,
+    "sample_size": 64,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+}
+
 SDXL_UNET: dict[str, Any] = {
+    **_UNET_SHARED,
     "sample_size": 128,
-    "in_channels": 4,
-    "out_channels": 4,
     "block_out_channels": [320, 640, 1280],
-    "layers_per_block": 2,
     "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
     "transformer_layers_per_block": [1, 2, 10],
@@ -58,13 +61,6 @@ SDXL_UNET: dict[str, Any] = {
     "addition_embed_type": "text_time",
     "addition_time_embed_dim": 256,
     "projection_class_embeddings_input_dim": 2816,  # pooled text (1280) + 6 size/crop numbers x 256
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "act_fn": "silu",
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
 }
 
 SD15_VAE: dict[str, Any] = {
