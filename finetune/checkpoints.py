@@ -81,9 +81,10 @@ class StepCheckpoint(StepBoundary, ModelCheckpoint):
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run (by modification time), or None.
 
-    Candidates are `<run_dir>/checkpoints/*.ckpt` and the `hpc_ckpt_*.ckpt` Lightning writes on a
-    SLURM requeue signal. Temp files of an interrupted save are never candidates (they are removed);
-    a file that is not a complete torch archive (e.g. cut short by a full disk) is skipped with a warning.
+    Candidates are `<run_dir>/checkpoints/*.ckpt` (files, or DeepSpeed's folders) and the
+    `hpc_ckpt_*.ckpt` Lightning writes on a SLURM requeue signal. Temp files of an interrupted save
+    are never candidates (they are removed); an incomplete one (a file cut short by a full disk, a
+    DeepSpeed folder without its final `latest` tag) is skipped with a warning.
     """
     folder = run_dir / "checkpoints"
     for leftover in folder.glob(".*.tmp") if folder.is_dir() else ():
@@ -91,17 +92,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         leftover.unlink(missing_ok=True)
     found = [*folder.glob("[!.]*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
     for path in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True):
-        if zipfile.is_zipfile(path):
+        if is_complete(path):
             return path
         log.warning("resume=auto: skipping %s, it is not a complete checkpoint", path)
     return None
 
 
+def is_complete(path: Path) -> bool:
+    """A whole torch archive, or a DeepSpeed checkpoint folder whose save finished: DeepSpeed writes
+    the `latest` tag file after every rank's shards."""
+    if path.is_dir():
+        return (path / "latest").is_file()
+    return zipfile.is_zipfile(path)
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> str | None:
     """`resume` as a checkpoint path for Lightning: `auto` finds the run's newest (`latest_checkpoint`)."""
     if resume != "auto":
-        if resume and not Path(resume).expanduser().is_file():
-            raise ConfigError(f"resume: '{resume}' is not a checkpoint file (or use resume=auto)")
+        if resume and not is_complete(Path(resume).expanduser()):
+            raise ConfigError(f"resume: '{resume}' is not a complete checkpoint (or use resume=auto)")
         if not resume and latest_checkpoint(run_dir) is not None:
             # A fresh run here would write over the checkpoints of the one before.
             raise ConfigError(

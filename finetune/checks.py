@@ -58,12 +58,44 @@ def check_config(cfg: Any) -> None:
         from finetune.optimizers import check_optimizer
 
         check_optimizer(cfg.optim.name)
+    check_strategy(cfg)
     precision = str(cfg.trainer.precision)
     if precision.startswith("16") and _runs_on_cpu(str(cfg.trainer.accelerator)):
         raise ConfigError(
             f"trainer.precision: '{precision}' needs a CUDA GPU (float16 kernels are missing on CPU) — "
             "use bf16-mixed or 32-true on CPU"
         )
+
+
+# What Lightning's ModelParallelStrategy (our trainer=fsdp) accepts.
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "bf16-true", "16-true")
+
+
+def check_strategy(cfg: Any) -> None:
+    """trainer=fsdp and trainer=deepspeed: what they cannot do yet, named before anything loads."""
+    strategy = str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
+    precision = str(cfg.trainer.precision)
+    if strategy == "fsdp":
+        if precision not in FSDP_PRECISIONS:
+            raise ConfigError(
+                f"trainer.precision: '{precision}' is not available with trainer=fsdp — use bf16-mixed"
+            )
+        if OmegaConf.select(cfg, "model.compile", default=False):
+            raise ConfigError("model.compile: not available with trainer=fsdp yet — set model.compile=false")
+        if OmegaConf.select(cfg, "method.name") == "full" and OmegaConf.select(cfg, "method.ema"):
+            raise ConfigError(
+                "method.ema: the EMA of sharded weights is not available with trainer=fsdp yet — "
+                "set method.ema=false or use trainer=ddp"
+            )
+    if strategy.startswith("deepspeed"):
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError(
+                f"trainer.strategy: '{strategy}' needs the deepspeed package (pip install deepspeed)"
+            )
+        if _runs_on_cpu(str(cfg.trainer.accelerator)):
+            raise ConfigError(
+                f"trainer.strategy: '{strategy}' runs on CUDA GPUs only — use trainer=ddp on CPU"
+            )
 
 
 def _runs_on_cpu(accelerator: str) -> bool:

@@ -18,6 +18,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from finetune.config import ValidationConfig
 from finetune.samples import sampling_pipeline
+from finetune.sharding import runs_sampling
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class HoldoutFidelity(L.Callback):
         self.scores: dict[str, float] = {}
 
     def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not trainer.is_global_zero or not self.cfg.inception_weights:
+        if not runs_sampling(trainer, module) or not self.cfg.inception_weights:
             return
         datamodule = trainer.datamodule
         if not getattr(datamodule, "holdout", None):
@@ -64,6 +65,8 @@ class HoldoutFidelity(L.Callback):
         if inception is None:
             return
         real, fake = self._images(trainer, module)
+        if not trainer.is_global_zero:  # trainer=fsdp: this rank only helped sample
+            return
         count = real.shape[0]
         fid = FrechetInceptionDistance(feature=inception)
         kid = KernelInceptionDistance(feature=inception, subsets=10, subset_size=count)

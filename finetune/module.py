@@ -15,6 +15,7 @@ from finetune.methods import Method
 from finetune.models import Components
 from finetune.nonfinite import NonFiniteSteps, check_finite
 from finetune.optimizers import build_optimizer
+from finetune.sharding import gradient_norm, is_sharded, shard_models
 
 
 class DiffusionModule(L.LightningModule):
@@ -108,6 +109,7 @@ class DiffusionModule(L.LightningModule):
         gradients = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         # Norm before clipping: what the model produced, not what the clipper allowed through.
         total = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
+        total = gradient_norm(total)
         losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1, device=self.device)
         self._step_losses = []
         # One host sync per step. DDP has averaged the gradients, so every rank decides alike.
@@ -121,6 +123,16 @@ class DiffusionModule(L.LightningModule):
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
             self.nonfinite.skip("gradient" if loss_ok else "loss", self.global_step)
         self.log("train/skipped_steps", float(self.nonfinite.total))
+
+    # ----- sharding (trainer=fsdp) ----------------------------------------------------------
+    def configure_model(self) -> None:
+        """Under `trainer=fsdp`, shard what trains across the ranks (FSDP2); a no-op otherwise."""
+        mesh = self._device_mesh  # set only by Lightning's ModelParallelStrategy
+        trainable = self.method.trainable_modules(self.components)
+        if mesh is None or any(is_sharded(model) for model in trainable):  # Lightning may call it again
+            return
+        shard_models(trainable, mesh["data_parallel"])
+        self._trainable = None  # sharding replaced the parameter objects
 
     # ----- optimisation ---------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -153,6 +165,8 @@ class DiffusionModule(L.LightningModule):
         check_finite(checkpoint["state_dict"], "checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # fsdp / deepspeed: the strategy has loaded the weights itself
+            return
         missing = self.trainable_state_keys() - set(checkpoint["state_dict"])
         if missing:
             raise RuntimeError(

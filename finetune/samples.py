@@ -29,6 +29,7 @@ from finetune.config import ValidationConfig
 from finetune.errors import ConfigError
 from finetune.files import save_png
 from finetune.rng import forked_rng
+from finetune.sharding import runs_sampling
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ class SampleGrid(L.Callback):
 
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if not trainer.is_global_zero or step == self.last_step or not self.cfg.prompts:
+        if not runs_sampling(trainer, module) or step == self.last_step or not self.cfg.prompts:
             return
         self.last_step = step
         with sampling_pipeline(trainer, module, self.cfg.scheduler) as pipe:
@@ -218,6 +219,9 @@ class SampleGrid(L.Callback):
             if module.controlnet is not None:
                 conditions = validation_conditions(trainer, self.cfg, self.resolution)
             grid, samples = generate_grid(pipe, self.cfg, self.resolution, conditions)
+        self.latest = grid
+        if not trainer.is_global_zero:
+            return
         path = self._save(grid, step)
         for logger in trainer.loggers:
             log_image(logger, grid, step, caption=" | ".join(self.cfg.prompts))
@@ -228,7 +232,6 @@ class SampleGrid(L.Callback):
                 for logger in trainer.loggers:
                     logger.log_metrics({"val/clip_score": score}, step=step)
         log.info("samples at step %d: %s", step, path)
-        self.latest = grid
 
     def _save(self, grid: torch.Tensor, step: int) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,5 +245,7 @@ def log_image(logger: Any, grid: torch.Tensor, step: int, caption: str, tag: str
     """Send one image to a logger that can show images (TensorBoard, W&B); others are skipped."""
     if isinstance(logger, TensorBoardLogger):
         logger.experiment.add_image(tag, grid, global_step=step)
+        # TensorBoard images carry no caption: the prompts go beside them, in the Text tab.
+        logger.experiment.add_text(f"{tag}/caption", caption, global_step=step)
     elif isinstance(logger, WandbLogger):
         logger.log_image(key=tag, images=[to_pil_image(grid)], caption=[caption], step=step)

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
+from finetune.checks import CHOICES
 from finetune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ATTENTION = ("sdpa", "xformers", "eager")
+ATTENTION = CHOICES["model.attention"]
 
 
 def uses_cuda(accelerator: str) -> bool:

@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.models import load_components, weight_dtype_for
     from finetune.module import DiffusionModule
     from finetune.secrets import mask_hydra_files
+    from finetune.sharding import full_weights
     from finetune.speed import apply_speed_settings, set_matmul_precision, uses_cuda
 
     # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
@@ -85,6 +86,7 @@ def train(cfg: DictConfig) -> RunResult:
     trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
     # Our batch sampler gives each rank its share (and resumes mid-epoch); Lightning must not wrap it.
     trainer_args["use_distributed_sampler"] = False
+    trainer_args["strategy"] = _strategy(trainer_args.get("strategy"))
     trainer = L.Trainer(
         **trainer_args,
         plugins=[SafeCheckpointIO(allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))],
@@ -97,12 +99,28 @@ def train(cfg: DictConfig) -> RunResult:
 
     result = RunResult(run_dir, trainer.global_step, module, samples=samples.saved)
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    if trainer.is_global_zero:
-        summary = dict(method.summary(), prediction_type=module.prediction_type)
-        metadata = _export_metadata(cfg, summary, trainer.global_step, num_images)
-        result.exported = _export(method, components, run_dir, metadata, trainer.global_step)
-        log_exports(loggers, result.exported, cfg.name, trainer.global_step)
+    with full_weights(module):  # trainer=fsdp: every rank helps assemble the weights rank 0 exports
+        if trainer.is_global_zero:
+            summary = dict(method.summary(), prediction_type=module.prediction_type)
+            metadata = _export_metadata(cfg, summary, trainer.global_step, num_images)
+            result.exported = _export(method, components, run_dir, metadata, trainer.global_step)
+            log_exports(loggers, result.exported, cfg.name, trainer.global_step)
     return result
+
+
+def _strategy(name: Any) -> Any:
+    """Lightning's strategy argument. `fsdp` is this project's FSDP2 strategy (see sharding.py); the
+    DeepSpeed ones leave the frozen base out of checkpoints, as every other strategy here does."""
+    if name == "fsdp":
+        from finetune.sharding import ShardedDataParallel
+
+        return ShardedDataParallel()
+    if isinstance(name, str) and name.startswith("deepspeed"):
+        from lightning.pytorch.strategies import StrategyRegistry
+
+        registered = StrategyRegistry[name]
+        return registered["strategy"](**registered["init_params"], exclude_frozen_parameters=True)
+    return name
 
 
 def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str], step: int) -> dict:

@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 from finetune.callbacks import on_device
 from finetune.errors import ConfigError
 from finetune.rng import forked_rng
+from finetune.sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,10 @@ class ValidationLoss(L.Callback):
                 torch.no_grad(),
                 on_device(module.device, module.vae, module.text_encoder),
                 trainer.precision_plugin.forward_context(),
+                module.method.inference_weights(),  # the weights samples and exports use (EMA)
             ):
-                # Each rank takes every world_size-th image; the metric averages over all of them.
-                for index in range(trainer.global_rank, len(dataset), trainer.world_size):
-                    mean.update(self._image_loss(module, dataset[(index, 0)], index), len(self.timesteps))
+                for index, weight in self._share(trainer, len(dataset), is_sharded(module)):
+                    mean.update(self._image_loss(module, dataset[(index, 0)], index), weight)
         finally:
             for submodule, training in modes.items():
                 submodule.training = training
@@ -70,6 +71,17 @@ class ValidationLoss(L.Callback):
             for logger in trainer.loggers:
                 logger.log_metrics({"val/loss": self.latest}, step=trainer.global_step)
             log.info("val/loss at step %d: %.5f", trainer.global_step, self.latest)
+
+    def _share(self, trainer: L.Trainer, count: int, sharded: bool) -> list[tuple[int, int]]:
+        """(image index, weight) pairs for this rank: every world_size-th image; the metric averages
+        over all ranks. With sharded weights each forward pass is a collective, so every rank runs
+        as many as the busiest one; the extra passes repeat an image with weight 0."""
+        rank, world = trainer.global_rank, trainer.world_size
+        share = [(index, len(self.timesteps)) for index in range(rank, count, world)]
+        rounds = -(-count // world)
+        if sharded and len(share) < rounds:
+            share.append((count - 1, 0))
+        return share
 
     def _image_loss(self, module: Any, sample: dict[str, torch.Tensor], index: int) -> torch.Tensor:
         """One image at every timestep, in one batch; its latent is the VAE's mean, not a sample."""

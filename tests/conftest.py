@@ -53,6 +53,36 @@ def fast_overrides(tiny_model: Path, run_dir: Path, steps: int = 4) -> list[str]
     ]
 
 
+def strategy_args(
+    tiny_model: Path, run_dir: Path, strategy: str, steps: int, accelerator: str = "cpu", devices: int = 2
+) -> list[str]:
+    """A short LoRA run with `trainer=<strategy>`, a checkpoint every 2 steps, CSV logs."""
+    return [
+        f"trainer={strategy}",
+        f"trainer.accelerator={accelerator}",
+        f"trainer.devices={devices}",
+        f"trainer.max_steps={steps}",
+        "trainer.enable_model_summary=false",
+        f"model.pretrained={tiny_model}",
+        f"data.path={STYLE_DATA}",
+        "data.batch_size=2",
+        "validation.every_n_steps=0",
+        "validation.num_inference_steps=2",
+        "validation.prompts=[a red circle]",
+        "checkpoint.every_n_steps=2",
+        "logger=csv",
+        f"hydra.run.dir={run_dir}",
+    ]
+
+
+def logged_metric(run_dir: Path, name: str) -> dict[int, float]:
+    """step -> value of one metric, as the CSV logger wrote it under `<run_dir>/csv/`."""
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as handle:
+        return {int(row["step"]): float(row[name]) for row in csv.DictReader(handle) if row.get(name)}
+
+
 def run_module(module: str, args: list[str], cwd: Path = REPO, returncode: int | None = 0, **env: str):
     """Run `python -m <module> <args>` as a user would (no network, one thread); assert it exited with
     `returncode` (None: any)."""
@@ -72,3 +102,15 @@ def run_module(module: str, args: list[str], cwd: Path = REPO, returncode: int |
     )
     assert returncode is None or done.returncode == returncode, done.stderr[-3000:]
     return done
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` skip, with the reason shown, where CUDA is missing."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

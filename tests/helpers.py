@@ -26,6 +26,22 @@ class TrainableWeightsDump(L.Callback):
         save_file(weights, self.out_dir / f"rank{trainer.global_rank}.safetensors")
 
 
+class ShardSizes(L.Callback):
+    """Every rank writes how many trainable numbers it holds and how many the model has, at the start."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from torch.distributed.tensor import DTensor
+
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainable)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        text = f"{local} {sum(p.numel() for p in trainable)}"
+        (self.out_dir / f"rank{trainer.global_rank}.txt").write_text(text)
+
+
 class SeenSamples(L.Callback):
     """Appends the record indices of every trained batch to `<out_dir>/rank<r>.txt`, a line per batch."""
 

@@ -118,8 +118,24 @@ def test_keep_last_removes_old_checkpoints_only_once_a_newer_one_is_complete(tin
 
 def test_a_missing_resume_file_fails_before_any_model_loads(tmp_path):
     overrides = fast_overrides(tmp_path / "no-model", tmp_path / "run") + [f"resume={tmp_path / 'nope.ckpt'}"]
-    with pytest.raises(ConfigError, match="resume: .* is not a checkpoint file"):
+    with pytest.raises(ConfigError, match="resume: .* is not a complete checkpoint"):
         train(compose_config(overrides))
+
+
+def test_deepspeed_checkpoint_folders_count_once_their_save_finished(tmp_path):
+    folder = tmp_path / "checkpoints"
+    SafeCheckpointIO().save_checkpoint({"global_step": 2}, folder / "step_000002.ckpt")
+    # DeepSpeed saves a folder of shards per checkpoint and writes its `latest` tag file last.
+    partial = folder / "step_000004.ckpt"
+    (partial / "checkpoint").mkdir(parents=True)
+    (partial / "checkpoint" / "mp_rank_00_model_states.pt").write_bytes(b"shards")
+    os.utime(partial, ns=(2**62, 2**62))  # the newest candidate
+    assert latest_checkpoint(tmp_path) == folder / "step_000002.ckpt"
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        resolve_resume(str(partial), tmp_path)
+    (partial / "latest").write_text("checkpoint")
+    assert latest_checkpoint(tmp_path) == partial
+    assert resolve_resume(str(partial), tmp_path) == str(partial)
 
 
 def test_a_fresh_run_refuses_a_folder_holding_checkpoints(tmp_path):

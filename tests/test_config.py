@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, compose_config, fast_overrides
 from hydra.errors import ConfigCompositionException
 
+from finetune.checks import check_config
 from finetune.errors import ConfigError, DataError
 from finetune.train import train
 
@@ -79,6 +80,23 @@ def test_bad_choices_are_one_line_config_errors(
     message = str(error.value)
     assert message.startswith(key) and "\n" not in message
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["trainer=fsdp", "trainer.precision=16-mixed"], "trainer.precision"),
+        (["trainer=fsdp", "model.compile=true"], "model.compile"),
+        (["trainer=fsdp", "method=full", "method.ema=true"], "method.ema"),
+        # Here deepspeed is missing, and this machine has no GPU: either way a one-line refusal.
+        (["trainer=deepspeed"], "trainer.strategy"),
+    ],
+)
+def test_what_a_strategy_cannot_do_is_named_before_anything_loads(overrides: list[str], key: str) -> None:
+    cfg = compose_config(["model.build_tiny=true", *overrides])
+    with pytest.raises(ConfigError) as error:
+        check_config(cfg)
+    assert str(error.value).startswith(key) and "\n" not in str(error.value)
 
 
 @pytest.mark.parametrize(

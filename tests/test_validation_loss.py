@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, fast_overrides
+from conftest import compose_config, fast_overrides, logged_metric
 
 from finetune.train import train
 
 
 def _val_losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as handle:
-        return {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(handle) if r.get("val/loss")}
+    return logged_metric(run_dir, "val/loss")
 
 
 def _overrides(tiny_model: Path, run_dir: Path, steps: int) -> list[str]:
@@ -45,3 +43,24 @@ def test_validation_loss_is_logged_on_held_out_images_and_repeats_for_the_same_w
     # Same base weights, images, timesteps and noise: the step-0 value repeats exactly.
     again = train(compose_config(_overrides(tiny_model, tmp_path / "again", steps=1)))
     assert _val_losses(again.run_dir)[0] == losses[0]
+
+
+@pytest.mark.slow
+def test_validation_loss_measures_the_ema_weights_that_samples_and_exports_use(
+    tiny_model: Path, tmp_path: Path
+):
+    def final_and_first(ema: bool) -> tuple[float, float]:
+        overrides = _overrides(tiny_model, tmp_path / f"ema_{ema}", steps=3) + [
+            "method=full",
+            f"method.ema={str(ema).lower()}",
+            "method.ema_decay=0.5",
+            "method.save_single_file=false",
+            "optim.lr=1e-3",
+        ]
+        losses = _val_losses(train(compose_config(overrides)).run_dir)
+        return losses[3], losses[0]
+
+    # The EMA does not change training, so only the weights measured can make the numbers differ.
+    (with_ema, start), (without, start_again) = final_and_first(True), final_and_first(False)
+    assert start == start_again
+    assert with_ema != without

@@ -1,0 +1,83 @@
+"""trainer=fsdp (FSDP2) on two CPU processes: the trained weights are sharded, training matches DDP,
+only rank 0 writes, and a resume is exact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import logged_metric, run_module, strategy_args
+from safetensors.torch import load_file
+
+# method -> (extra overrides, the exported weights file under the run folder)
+METHODS = {
+    "lora": ([], "adapter/pytorch_lora_weights.safetensors"),
+    "controlnet": (
+        ["method=controlnet", "data.conditioning=canny"],
+        "controlnet/diffusion_pytorch_model.safetensors",
+    ),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fsdp_shards_the_trained_weights_and_trains_like_ddp(
+    tiny_model: Path, tmp_path: Path, method: str
+) -> None:
+    extra, export = METHODS[method]
+    shards = tmp_path / "shards"
+    # 3 held-out images on 2 ranks: an uneven share of the validation loss's forward passes.
+    extra = extra + ["data.holdout=3", "validation.loss_timesteps=[200,800]"]
+    sharded = strategy_args(tiny_model, tmp_path / "fsdp", "fsdp", steps=3) + [
+        "+callbacks.shards._target_=helpers.ShardSizes",
+        f"+callbacks.shards.out_dir={shards}",
+    ]
+    run_module("finetune.train", extra + sharded)
+    run_module("finetune.train", extra + strategy_args(tiny_model, tmp_path / "ddp", "ddp", steps=3))
+    fsdp_loss, ddp_loss = (logged_metric(tmp_path / run, "val/loss") for run in ("fsdp", "ddp"))
+    assert sorted(fsdp_loss) == sorted(ddp_loss) == [0, 3]
+    assert fsdp_loss == pytest.approx(ddp_loss, rel=1e-5)
+
+    # Each rank holds only its part of what trains, and the parts add up to the whole.
+    sizes = [[int(n) for n in (shards / f"rank{r}.txt").read_text().split()] for r in range(2)]
+    (local0, total), (local1, _) = sizes
+    assert 0 < local0 < total and 0 < local1 < total and local0 + local1 == total
+
+    # The same averaged gradients as DDP, so the same weights up to float summation order (AdamW
+    # turns a flipped sign of a near-zero gradient into a full learning-rate step, which this catches).
+    fsdp, ddp = load_file(tmp_path / "fsdp" / export), load_file(tmp_path / "ddp" / export)
+    assert fsdp.keys() == ddp.keys() and fsdp
+    for name in fsdp:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-5, atol=1e-6, msg=name)
+    trained = [name for name in fsdp if "lora_B" in name or "controlnet_mid_block" in name]
+    assert trained and any(fsdp[name].abs().sum() > 0 for name in trained)
+
+    # The checkpoint is one file on rank 0 with whole trainable weights under the usual names.
+    checkpoint = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.ckpt", weights_only=True)
+    reference = torch.load(tmp_path / "ddp" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"].keys() == reference["state_dict"].keys()
+    for name, value in checkpoint["state_dict"].items():
+        assert value.shape == reference["state_dict"][name].shape, name
+    # Rank 0 alone writes the samples (all ranks sample together: the forward pass gathers weights).
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "samples").iterdir()) == [
+        "before_after.png",
+        "step_000000.png",
+        "step_000003.png",
+    ]
+
+
+@pytest.mark.slow
+def test_fsdp_resume_continues_exactly(tiny_model: Path, tmp_path: Path) -> None:
+    whole = tmp_path / "whole"
+    run_module("finetune.train", strategy_args(tiny_model, whole, "fsdp", steps=4))
+    halves = tmp_path / "halves"
+    run_module("finetune.train", strategy_args(tiny_model, halves, "fsdp", steps=2))
+    done = run_module("finetune.train", strategy_args(tiny_model, halves, "fsdp", steps=4) + ["resume=auto"])
+    assert "continuing from" in done.stderr + done.stdout
+
+    expected = load_file(whole / "adapter" / "pytorch_lora_weights.safetensors")
+    resumed = load_file(halves / "exports" / "step_000004" / "adapter" / "pytorch_lora_weights.safetensors")
+    assert expected.keys() == resumed.keys()
+    for name in expected:
+        assert expected[name].equal(resumed[name]), name
