@@ -95,7 +95,8 @@ def train(cfg: DictConfig) -> RunResult:
         callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples, *_validation_metrics(cfg)],
     )
     log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint)
+    # weights_only reaches the strategies that load checkpoints without our CheckpointIO (fsdp).
+    trainer.fit(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=not cfg.allow_unsafe_pickle)
 
     result = RunResult(run_dir, trainer.global_step, module, samples=samples.saved)
     result.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
