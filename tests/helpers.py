@@ -105,8 +105,9 @@ class KillAt(L.Callback):
 
     `moment`, at the first chance from step `step` on: `mid-accumulation` (after the first micro-batch
     of a step), `after-step` (right after an optimizer step, before its checkpoint), `during-save`
-    (half-way through writing a checkpoint: the temp file is left half written) or `sigterm` (SIGTERM
-    to itself mid-accumulation, so the run must finish the step, save and stop).
+    (half-way through writing a checkpoint: the temp file is left half written), `sigterm` (SIGTERM
+    to itself mid-accumulation, so the run must finish the step, save and stop) or `requeue` (the
+    same with SLURM's requeue signal, SIGUSR1).
     """
 
     def __init__(self, step: int, moment: str) -> None:
@@ -144,9 +145,10 @@ class KillAt(L.Callback):
         mid = not stepped and self._step_at_start >= self.step
         if mid and self.moment == "mid-accumulation":
             os.kill(os.getpid(), signal.SIGKILL)
-        if mid and self.moment == "sigterm" and not self.sent:
+        signals = {"sigterm": signal.SIGTERM, "requeue": signal.SIGUSR1}
+        if mid and self.moment in signals and not self.sent:
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signals[self.moment])
 
 
 class RemovalAudit(L.Callback):

@@ -27,7 +27,9 @@ def _dataset(root: Path, count: int = 10) -> Path:
     return root
 
 
-def _train(tiny_model: Path, run_dir: Path, data: Path, loss_log: Path, extra: list[str], returncode):
+def _train(
+    tiny_model: Path, run_dir: Path, data: Path, loss_log: Path, extra: list[str], returncode, **env: str
+):
     """One `finetune-train` process with everything that draws random numbers switched on."""
     args = [
         f"model.pretrained={tiny_model}",
@@ -58,7 +60,7 @@ def _train(tiny_model: Path, run_dir: Path, data: Path, loss_log: Path, extra: l
         f"+callbacks.loss.path={loss_log}",
         *extra,
     ]
-    return run_module("finetune.train", args, returncode=returncode)
+    return run_module("finetune.train", args, returncode=returncode, **env)
 
 
 def _read_log(path: Path) -> dict[tuple[str, ...], set[tuple[str, str]]]:
@@ -81,6 +83,19 @@ def _kill_plan(rng: random.Random) -> list[tuple[int, str]]:
     moments = ["mid-accumulation", "after-step", "sigterm"]
     rng.shuffle(moments)
     return sorted([(save_step, "during-save"), *zip(others, moments, strict=True)])
+
+
+def _assert_same_run(run_dir: Path, log: Path, whole_dir: Path, whole_log: Path, context: str = "") -> None:
+    """The resumed run logged the same (loss, LR) for every batch and ended with the same adapter."""
+    whole, resumed = _read_log(whole_log), _read_log(log)
+    assert all(len(values) == 1 for values in whole.values())
+    assert resumed.keys() == whole.keys(), context  # same steps, epochs and batches
+    # A batch trained twice (before a kill and after the resume) gave the same loss and LR both times.
+    assert resumed == whole, context
+    final, reference = load_file(run_dir / ADAPTER), load_file(whole_dir / ADAPTER)
+    assert final.keys() == reference.keys()
+    for name, tensor in reference.items():
+        assert torch.equal(final[name], tensor), f"{name} differs; {context}"
 
 
 @pytest.mark.slow
@@ -107,13 +122,43 @@ def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_mo
             assert list((run_dir / "checkpoints").glob(".*.tmp")), context  # the half-written file
     _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0)
 
-    whole, resumed = _read_log(tmp_path / "whole.log"), _read_log(log)
-    assert all(len(values) == 1 for values in whole.values())
-    assert resumed.keys() == whole.keys(), context  # same steps, epochs and batches
-    # A batch trained twice (before a kill and after the resume) gave the same loss and LR both times.
-    assert resumed == whole, context
-    final, reference = load_file(run_dir / ADAPTER), load_file(tmp_path / "whole" / ADAPTER)
-    assert final.keys() == reference.keys()
-    for name, tensor in reference.items():
-        assert torch.equal(final[name], tensor), f"{name} differs; {context}"
+    _assert_same_run(run_dir, log, tmp_path / "whole", tmp_path / "whole.log", context)
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_slurm_requeue_signal_saves_at_the_step_boundary_requeues_and_resumes_exactly(tiny_model, tmp_path):
+    data = _dataset(tmp_path / "data")
+    _train(tiny_model, tmp_path / "whole", data, tmp_path / "whole.log", [], returncode=0)
+
+    # One SLURM task, as srun starts it; `scontrol` is a stand-in that records what it was asked.
+    bin_dir, asked = tmp_path / "bin", tmp_path / "scontrol.txt"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {asked}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = dict(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID="4242",
+        SLURM_JOB_NAME="finetune",
+        SLURM_NTASKS="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+    )
+    run_dir, log = tmp_path / "run", tmp_path / "run.log"
+    requeue = [
+        "+callbacks.kill._target_=helpers.KillAt",
+        "+callbacks.kill.step=4",
+        "+callbacks.kill.moment=requeue",
+    ]
+    done = _train(tiny_model, run_dir, data, log, requeue, returncode=128 + signal.SIGUSR1, **slurm)
+    assert "stopped by SIGUSR1" in done.stderr
+    assert asked.read_text().split() == ["requeue", "4242"]
+    # Sent mid-accumulation: the checkpoint holds the finished step, not half of the next.
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 5
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning's mid-step save did not happen
+
+    _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0, **slurm)
+    _assert_same_run(run_dir, log, tmp_path / "whole", tmp_path / "whole.log")
