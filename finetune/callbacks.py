@@ -26,11 +26,11 @@ class DataCachePass(L.Callback):
         datamodule = trainer.datamodule
         if not hasattr(datamodule, "prepare_cache"):
             return
-        cache = datamodule.prepare_cache(module.vae, module.text_encoder, trainer.strategy)
+        cache = datamodule.prepare_cache(module.vae, module.components.prompts, trainer.strategy)
         if cache is not None and cache.text_keys is not None and module.device.type != "cpu":
-            module.vae.to("cpu")
-            module.text_encoder.to("cpu")
-            log.info("data.cache: everything is cached; the VAE and text encoder wait on the CPU")
+            for model in (module.vae, *module.components.text_encoders):
+                model.to("cpu")
+            log.info("data.cache: everything is cached; the VAE and text encoders wait on the CPU")
 
 
 @contextmanager

@@ -52,6 +52,13 @@ def check_config(cfg: Any) -> None:
         check_streaming(cfg.data, cfg.trainer.max_steps)
     if OmegaConf.select(cfg, "model", default=None) is not None:
         check_latent_shapes(cfg)
+        sdxl = is_sdxl_model(cfg.model)
+        check_sdxl_method(OmegaConf.select(cfg, "method.name"), sdxl)
+        if sdxl and str(cfg.model.pretrained).endswith(".safetensors"):
+            raise ConfigError(
+                "model.pretrained: single-file SDXL checkpoints are not supported yet — give its diffusers "
+                "folder or hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
+            )
         if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
             raise ConfigError("model.attention: 'xformers' needs the xformers package — or use sdpa")
     if OmegaConf.select(cfg, "optim.name", default=None) is not None:
@@ -121,16 +128,49 @@ def vae_factor(model: Any) -> int:
 
 
 def _vae_config_file(pretrained: str, revision: str | None) -> Path | None:
+    return _model_file(pretrained, "vae/config.json", revision)
+
+
+def _model_file(pretrained: str, name: str, revision: str | None) -> Path | None:
+    """A file of a local diffusers folder, or of a hub model already in the local cache, or None."""
     folder = Path(pretrained).expanduser()
     if folder.is_dir():
-        path = folder / "vae" / "config.json"
+        path = folder / name
         return path if path.is_file() else None
     if pretrained.count("/") != 1 or folder.suffix:  # not a hub id (e.g. a .safetensors file)
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(pretrained, "vae/config.json", revision=revision)
+    cached = try_to_load_from_cache(pretrained, name, revision=revision)
     return Path(cached) if isinstance(cached, str) else None
+
+
+def is_sdxl_model(model: Any) -> bool | None:
+    """Whether `model.pretrained` is SDXL (from a folder's model_index.json, or a .safetensors file's
+    key names); None if unknown."""
+    single_file = Path(str(model.pretrained or "")).expanduser()
+    if single_file.suffix == ".safetensors" and single_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single_file), "pt") as weights:  # reads the header only
+            # SDXL's original layout keeps its second text encoder (OpenCLIP) under this prefix.
+            return any(key.startswith("conditioner.embedders.1.") for key in weights.keys())
+    index = _model_file(str(model.pretrained or ""), "model_index.json", model.revision)
+    if index is None:
+        return None
+    return index_is_sdxl(json.loads(index.read_text()))
+
+
+def index_is_sdxl(index: dict) -> bool:
+    """A pipeline's model_index.json names a second text encoder only for SDXL."""
+    entry = index.get("text_encoder_2")
+    return bool(entry) and entry[0] is not None
+
+
+def check_sdxl_method(method: str | None, sdxl: bool | None) -> None:
+    """SDXL trains LoRA adapters; ControlNet and full fine-tuning are SD 1.x / 2.x only so far."""
+    if sdxl and method in ("controlnet", "full"):
+        raise ConfigError(f"method: '{method}' is not available for SDXL models yet — use method=lora")
 
 
 def check_latent_shapes(cfg: Any) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import safetensors.torch
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
 from peft.tuners.lora import LoraLayer
 from peft.utils import get_peft_model_state_dict
@@ -44,6 +44,7 @@ def export_lora(
     text_encoder: torch.nn.Module | None = None,
     *,
     metadata: dict[str, str],
+    text_encoder_2: torch.nn.Module | None = None,
     kohya_name: str = DEFAULT_KOHYA_NAME,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
@@ -53,30 +54,34 @@ def export_lora(
 
     `metadata` (string values: base_model, steps, resolution, num_train_images, …) goes into both
     headers verbatim; rank, alpha and target modules come from the peft config on the models.
+    `text_encoder_2`: SDXL's second text encoder, when its LoRA trained too.
     """
     out_dir = Path(out_dir)
     _check_kohya_name(kohya_name)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportExistsError(f"export directory {out_dir} is not empty; choose a fresh one or overwrite")
     # Build everything before touching the disk, so that a bad model or metadata leaves nothing behind.
-    common = _common_metadata(metadata, unet, text_encoder, adapter_name)
-    kohya_sd = kohya_state_dict(unet, text_encoder, adapter_name=adapter_name, dtype=dtype)
+    models = adapted_models(unet, text_encoder, text_encoder_2)
+    common = _common_metadata(metadata, models, adapter_name)
+    kohya_sd = kohya_state_dict(unet, text_encoder, text_encoder_2, adapter_name=adapter_name, dtype=dtype)
     kohya_header = kohya_metadata(common, kohya_sd, unet, Path(kohya_name).stem)
-    unet_layers = _diffusers_layers(unet, adapter_name, dtype)
-    te_layers = _diffusers_layers(text_encoder, adapter_name, dtype) if text_encoder is not None else None
+    layers = {
+        f"{prefix}_lora_layers": _diffusers_layers(model, adapter_name, dtype) for prefix, model in models
+    }
     diffusers_header = {**common, "format": "pt"}
     # diffusers reads rank/alpha/targets back from this key; without it alpha would silently become rank.
-    diffusers_header[LORA_ADAPTER_METADATA_KEY] = _lora_adapter_metadata(unet, text_encoder, adapter_name)
+    diffusers_header[LORA_ADAPTER_METADATA_KEY] = _lora_adapter_metadata(models, adapter_name)
+    # The SDXL pipeline's writer also knows `text_encoder_2.`; for the rest both write the same file.
+    pipeline = StableDiffusionXLPipeline if text_encoder_2 is not None else StableDiffusionPipeline
 
     # Both files appear together or not at all (an existing folder's other files are kept).
     with atomic_dir(out_dir, replace=overwrite) as folder:
         if overwrite and out_dir.is_dir():
             shutil.copytree(out_dir, folder, dirs_exist_ok=True)
         # diffusers packs the key prefixes; our save_function adds our header.
-        StableDiffusionPipeline.save_lora_weights(
+        pipeline.save_lora_weights(
             save_directory=folder,
-            unet_lora_layers=unet_layers,
-            text_encoder_lora_layers=te_layers,
+            **layers,
             weight_name=DIFFUSERS_WEIGHT_NAME,
             save_function=lambda weights, name: safetensors.torch.save_file(
                 weights, name, metadata=diffusers_header
@@ -86,19 +91,34 @@ def export_lora(
     return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / kohya_name}
 
 
+def adapted_models(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, text_encoder_2: torch.nn.Module | None = None
+) -> list[tuple[str, torch.nn.Module]]:
+    """(diffusers key prefix, model) for each model whose adapter is exported."""
+    models = [("unet", unet), ("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)]
+    return [(prefix, model) for prefix, model in models if model is not None]
+
+
 def kohya_state_dict(
     unet: torch.nn.Module,
     text_encoder: torch.nn.Module | None = None,
+    text_encoder_2: torch.nn.Module | None = None,
     *,
     adapter_name: str = ADAPTER_NAME,
     dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """LoRA weights in kohya's layout: `lora_unet_<path with . → _>.lora_down.weight` / `.lora_up.weight`
-    / `.alpha`, and `lora_te_…` for the text encoder (classic `text_model.` CLIP paths)."""
+    / `.alpha`, and `lora_te_…` for the text encoder (classic `text_model.` CLIP paths); SDXL's two
+    text encoders are `lora_te1_…` and `lora_te2_…`."""
     out: dict[str, torch.Tensor] = {}
-    for prefix, model in (("lora_unet", unet), ("lora_te", text_encoder)):
-        if model is None:
-            continue
+    sdxl = text_encoder_2 is not None
+    kohya = {
+        "unet": "lora_unet",
+        "text_encoder": "lora_te1" if sdxl else "lora_te",
+        "text_encoder_2": "lora_te2",
+    }
+    for diffusers_prefix, model in adapted_models(unet, text_encoder, text_encoder_2):
+        prefix = kohya[diffusers_prefix]
         config = _peft_config(model, adapter_name)
         if config.use_dora or config.lora_bias:
             raise ValueError("kohya export supports plain LoRA only (no DoRA, no lora_bias)")
@@ -163,31 +183,27 @@ def _targets(config) -> str:
 
 
 def _common_metadata(
-    metadata: dict[str, str], unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name: str
+    metadata: dict[str, str], models: list[tuple[str, torch.nn.Module]], adapter_name: str
 ) -> dict[str, str]:
     bad = [key for key, value in metadata.items() if not (isinstance(key, str) and isinstance(value, str))]
     if bad:
         raise TypeError(f"safetensors metadata must be str -> str; not so for {bad}")
     if LORA_ADAPTER_METADATA_KEY in metadata or "format" in metadata:
         raise ValueError(f"metadata keys 'format' and {LORA_ADAPTER_METADATA_KEY!r} belong to the exporter")
-    config = _peft_config(unet, adapter_name)
-    computed = {"rank": str(config.r), "alpha": str(config.lora_alpha), "target_modules": _targets(config)}
-    if text_encoder is not None:
-        te_config = _peft_config(text_encoder, adapter_name)
-        computed["text_encoder_rank"] = str(te_config.r)
-        computed["text_encoder_alpha"] = str(te_config.lora_alpha)
-        computed["text_encoder_target_modules"] = _targets(te_config)
+    computed = {}
+    for prefix, model in models:
+        config = _peft_config(model, adapter_name)
+        name = "" if prefix == "unet" else f"{prefix}_"  # the U-Net's are plain rank / alpha
+        computed[f"{name}rank"] = str(config.r)
+        computed[f"{name}alpha"] = str(config.lora_alpha)
+        computed[f"{name}target_modules"] = _targets(config)
     return merge_metadata(dict(metadata), computed)
 
 
-def _lora_adapter_metadata(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_name: str
-) -> str:
-    """The LoraConfig of each model, JSON-encoded under `unet.` / `text_encoder.` as diffusers reads it."""
+def _lora_adapter_metadata(models: list[tuple[str, torch.nn.Module]], adapter_name: str) -> str:
+    """The LoraConfig of each model, JSON-encoded under `unet.` / `text_encoder.` … as diffusers reads it."""
     packed = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
+    for prefix, model in models:
         for key, value in _peft_config(model, adapter_name).to_dict().items():
             packed[f"{prefix}.{key}"] = sorted(value) if isinstance(value, set) else value
     return json.dumps(packed, indent=2, sort_keys=True)

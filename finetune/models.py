@@ -15,13 +15,22 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.loaders.single_file_utils import SingleFileComponentError
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from finetune.checks import index_is_sdxl
 from finetune.config import ModelConfig
 from finetune.errors import ConfigError
+from finetune.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +40,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 @dataclass
 class Components:
-    """The parts of an SD pipeline that training needs."""
+    """The parts of an SD or SDXL pipeline that training needs."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -40,6 +49,21 @@ class Components:
     noise_scheduler: DDPMScheduler
     source: str
     controlnet: Any = None  # a ControlNetModel when method=controlnet adds one
+    text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection)
+    tokenizer_2: Any = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
+    def prompts(self) -> PromptEncoder:
+        """The text side: what tokenizes and encodes captions for this model."""
+        return PromptEncoder(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2)
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return self.prompts.models
 
 
 def resolve_source(cfg: ModelConfig) -> str:
@@ -75,6 +99,10 @@ def load_pipeline(
             return _load_single_file(str(tensors), resolve_single_file_config(cfg), common)
     if source.endswith(SINGLE_FILE_SUFFIXES):
         return _load_single_file(source, resolve_single_file_config(cfg), common)
+    if is_sdxl_folder(source, cfg.revision):  # SDXL pipelines have no safety checker to switch off
+        return StableDiffusionXLPipeline.from_pretrained(
+            source, revision=cfg.revision, variant=cfg.variant, torch_dtype=dtype
+        )
     return StableDiffusionPipeline.from_pretrained(
         source, revision=cfg.revision, variant=cfg.variant, **common
     )
@@ -148,6 +176,7 @@ def load_components(
 ) -> Components:
     """Load unet, vae, text encoder, tokenizer and the DDPM training scheduler, frozen, in `dtype`."""
     source = resolve_source(cfg)
+    text_encoder_2 = tokenizer_2 = None
     if source.endswith(SINGLE_FILE_SUFFIXES):
         pipe = load_pipeline(cfg, dtype, allow_unsafe_pickle)
         unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -157,16 +186,39 @@ def load_components(
         weights = dict(kwargs, variant=cfg.variant, torch_dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
+        if is_sdxl_folder(source, cfg.revision):
+            tokenizer_2 = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **kwargs)
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                source, subfolder="text_encoder_2", **weights
+            )
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
+    if dtype == torch.float16 and vae.config.get("force_upcast"):
+        vae.to(torch.float32)  # SDXL's VAE overflows in float16 (its config says so), as diffusers knows
     if cfg.prediction_type is not None:
         set_prediction_type(scheduler, cfg.prediction_type)
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
+    for model in (unet, vae, text_encoder, text_encoder_2):
+        if model is not None:
+            model.requires_grad_(False)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return Components(unet, vae, text_encoder, tokenizer, scheduler, source)
+    return Components(
+        unet,
+        vae,
+        text_encoder,
+        tokenizer,
+        scheduler,
+        source,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+    )
+
+
+def is_sdxl_folder(source: str, revision: str | None = None) -> bool:
+    """Whether a diffusers folder or hub id holds an SDXL pipeline (a second text encoder), from its
+    `model_index.json`."""
+    return index_is_sdxl(DiffusionPipeline.load_config(source, revision=revision))
 
 
 def set_prediction_type(scheduler: DDPMScheduler, prediction_type: str) -> None:

@@ -15,6 +15,7 @@ from finetune.methods import Method
 from finetune.models import Components
 from finetune.nonfinite import NonFiniteSteps, check_finite
 from finetune.optimizers import build_optimizer
+from finetune.prompts import TextConditioning, size_conditioning
 from finetune.sharding import gradient_norm, is_sharded, shard_models
 
 
@@ -33,6 +34,7 @@ class DiffusionModule(L.LightningModule):
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
+        self.text_encoder_2 = components.text_encoder_2  # SDXL only
         self.controlnet = components.controlnet  # None unless method=controlnet made one
         self.noise_scheduler = components.noise_scheduler
         self.prediction_type = loss.prediction_type or self.noise_scheduler.config.prediction_type
@@ -52,8 +54,10 @@ class DiffusionModule(L.LightningModule):
         latents = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist.sample()
         return latents * self.vae.config.scaling_factor
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids, return_dict=False)[0]
+    def encode_text(
+        self, input_ids: torch.Tensor, input_ids_2: torch.Tensor | None = None
+    ) -> TextConditioning:
+        return self.components.prompts.encode(input_ids, input_ids_2)
 
     def batch_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scaled latents: sampled from cached VAE distribution parameters, or encoded from pixels."""
@@ -62,11 +66,21 @@ class DiffusionModule(L.LightningModule):
             return latents * self.vae.config.scaling_factor
         return self.encode_images(batch["pixel_values"])
 
-    def batch_text(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Text-encoder features: cached ones, or computed from token ids."""
+    def batch_text(self, batch: dict[str, torch.Tensor], latents: torch.Tensor) -> TextConditioning:
+        """Text-encoder features (cached ones, or computed from token ids), and for SDXL the pooled
+        text and image sizes its U-Net also takes."""
         if "text_embeds" in batch:
-            return batch["text_embeds"]
-        return self.encode_text(batch["input_ids"])
+            text = TextConditioning(batch["text_embeds"], batch.get("pooled_text_embeds"))
+        else:
+            text = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
+        if self.components.is_sdxl:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            target = (latents.shape[-2] * factor, latents.shape[-1] * factor)
+            sizes = size_conditioning(
+                batch["original_size"], batch["crop_top_left"], target, text.hidden.dtype
+            )
+            text.added = {"text_embeds": text.pooled, "time_ids": sizes}
+        return text
 
     def denoising_loss(
         self,
@@ -86,8 +100,8 @@ class DiffusionModule(L.LightningModule):
             timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
         timesteps = timesteps.long().to(latents.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        text_embeddings = self.batch_text(batch)
-        prediction = self.method.denoise(self.components, noisy_latents, timesteps, text_embeddings, batch)
+        text = self.batch_text(batch, latents)
+        prediction = self.method.denoise(self.components, noisy_latents, timesteps, text, batch)
 
         target = regression_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
         weights = None

@@ -18,6 +18,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
 )
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
@@ -58,7 +59,8 @@ def sampler_from(noise_scheduler: Any, name: str | None) -> Any:
 
 
 def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffusionPipeline:
-    """A pipeline that shares the module's live weights (no copies); with the ControlNet if one trains."""
+    """A pipeline that shares the module's live weights (no copies): SD or SDXL, with the ControlNet
+    if one trains."""
     parts = module.components
     common = dict(
         vae=parts.vae,
@@ -70,7 +72,17 @@ def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffu
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    if parts.controlnet is not None:
+    if parts.is_sdxl:
+        pipe = StableDiffusionXLPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=parts.unet,
+            scheduler=common["scheduler"],
+        )
+    elif parts.controlnet is not None:
         pipe = StableDiffusionControlNetPipeline(controlnet=parts.controlnet, **common)
     else:
         pipe = StableDiffusionPipeline(**common)
@@ -90,7 +102,7 @@ def sampling_pipeline(
     try:
         with (
             forked_rng(module.device),
-            on_device(module.device, module.vae, module.text_encoder),
+            on_device(module.device, module.vae, *module.components.text_encoders),
             trainer.precision_plugin.forward_context(),
             module.method.inference_weights(),
         ):

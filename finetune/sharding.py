@@ -21,10 +21,17 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
-# Sub-module lists that become one FSDP unit each: the U-Net's and ControlNet's resolution blocks and
-# a CLIP text encoder's layers. Each unit's weights are gathered only while it runs.
-BLOCK_PATHS = ("down_blocks", "up_blocks", "text_model.encoder.layers")
+from finetune.errors import ConfigError
+
+# Sub-module lists that become one FSDP unit each: the U-Net's and ControlNet's resolution blocks, and a
+# CLIP text encoder's layers (transformers 5 dropped the `text_model` level). Each unit's weights are
+# gathered only while it runs. A unit per text layer also matters for SDXL, which reads the penultimate
+# layer's output: FSDP prepares a unit's backward from the unit's outputs, and that tensor is one.
+BLOCK_PATHS = ("down_blocks", "up_blocks", "text_model.encoder.layers", "encoder.layers")
 SINGLE_BLOCKS = ("mid_block",)
+# A text encoder's remaining weights are sharded at its layer stack, not at the model: fully_shard gives
+# a module a new class, and transformers looks up how to collect `output_hidden_states` by the model's.
+TEXT_ENCODER_STACKS = ("text_model.encoder", "encoder")
 
 
 class ShardedDataParallel(ModelParallelStrategy):
@@ -45,13 +52,25 @@ class ShardedDataParallel(ModelParallelStrategy):
 
 
 def shard_models(models: list[torch.nn.Module], mesh: Any) -> None:
-    """`fully_shard` each model's blocks, then the model itself (which holds what is left)."""
+    """`fully_shard` each model's blocks, then what holds the rest: the model itself, or a text
+    encoder's layer stack (its embeddings and final norm are frozen, so they may stay whole)."""
     from torch.distributed.fsdp import fully_shard
 
     for model in models:
         for block in _blocks(model):
             fully_shard(block, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        stacks = (_get(model, path) for path in TEXT_ENCODER_STACKS)
+        fully_shard(next((stack for stack in stacks if stack is not None), model), mesh=mesh)
+        outside = [
+            name
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad and not isinstance(parameter, DTensor)
+        ]
+        if outside:  # FSDP would not average their gradients across ranks
+            raise ConfigError(
+                f"trainer=fsdp: {outside[0]} trains outside the sharded layers of "
+                f"{type(model).__name__}; train it with trainer=ddp"
+            )
 
 
 def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:

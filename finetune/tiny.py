@@ -1,8 +1,9 @@
-"""A tiny Stable-Diffusion-architecture pipeline built in code.
+"""Tiny Stable-Diffusion-architecture pipelines built in code.
 
 Same classes and folder layout as a real SD 1.x model (cross-attention U-Net, AutoencoderKL, CLIP
-text encoder and tokenizer, DDPM scheduler), small enough to train on a CPU in seconds. It is saved
-as a diffusers folder so that it is loaded through the same `from_pretrained` path as real models.
+text encoder and tokenizer, DDPM scheduler), or as SDXL (two text encoders, the second one's pooled
+output and the image sizes conditioning the U-Net), small enough to train on a CPU in seconds. They
+are saved as diffusers folders so that they load through the same `from_pretrained` path as real models.
 """
 
 from __future__ import annotations
@@ -11,8 +12,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from finetune.clip_vocab import build_tokenizer
 
@@ -43,42 +50,11 @@ def build_tiny_pipeline(
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=VAE_CHANNELS,
-        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
-        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=resolution,
-    )
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="epsilon",
-        clip_sample=False,
-        steps_offset=1,
-    )
+    vae = _tiny_vae(resolution)
+    scheduler = _tiny_scheduler()
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer = build_tokenizer(Path(scratch))
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            projection_dim=TEXT_WIDTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer))
     return StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -91,7 +67,93 @@ def build_tiny_pipeline(
     )
 
 
+# SDXL's U-Net adds to its time embedding: the pooled text (text encoder 2's projection) and six
+# numbers (original size, crop top-left, target size), each embedded in this many channels.
+SDXL_TIME_EMBED_DIM = 8
+
+
+def build_tiny_sdxl_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionXLPipeline:
+    """Randomly initialised tiny SDXL pipeline (deterministic for a given seed): two CLIP text encoders
+    whose penultimate layers are concatenated for cross-attention, and SDXL's `text_time` embedding."""
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2 ** (len(VAE_CHANNELS) - 1),
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),  # SDXL: no attention at full size
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2 * TEXT_WIDTH,
+        attention_head_dim=8,
+        use_linear_projection=True,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=TEXT_WIDTH + 6 * SDXL_TIME_EMBED_DIM,
+    )
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_tokenizer(Path(scratch))
+    text_config = _tiny_text_config(tokenizer)
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_tiny_vae(resolution),
+        text_encoder=CLIPTextModel(text_config),
+        text_encoder_2=CLIPTextModelWithProjection(text_config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=_tiny_scheduler(),
+    )
+
+
+def _tiny_vae(resolution: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=VAE_CHANNELS,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_CHANNELS),
+        up_block_types=("UpDecoderBlock2D",) * len(VAE_CHANNELS),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=resolution,
+    )
+
+
+def _tiny_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def _tiny_text_config(tokenizer) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder (safetensors)."""
     build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    return directory
+
+
+def save_tiny_sdxl_pipeline(directory: Path, seed: int = 0) -> Path:
+    """Build the tiny SDXL pipeline and save it as a diffusers folder (safetensors)."""
+    build_tiny_sdxl_pipeline(seed).save_pretrained(directory, safe_serialization=True)
     return directory

@@ -73,7 +73,7 @@ def train(cfg: DictConfig) -> RunResult:
     method = build_method(cfg.method)
     method.prepare(components)
     apply_speed_settings(components, cfg.model)
-    datamodule.tokenizer = components.tokenizer
+    datamodule.tokenizer, datamodule.tokenizer_2 = components.tokenizer, components.tokenizer_2
     module = DiffusionModule(components, method, cfg.loss, cfg.optim)
 
     loggers = build_loggers(cfg.logger, resuming=checkpoint is not None)

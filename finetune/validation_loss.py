@@ -55,7 +55,7 @@ class ValidationLoss(L.Callback):
             with (
                 forked_rng(module.device),  # training's random stream is left as it was
                 torch.no_grad(),
-                on_device(module.device, module.vae, module.text_encoder),
+                on_device(module.device, module.vae, *module.components.text_encoders),
                 trainer.precision_plugin.forward_context(),
                 module.method.inference_weights(),  # the weights samples and exports use (EMA)
             ):

@@ -281,12 +281,10 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         model_dir = prepare_model(args, work)
-        runs = []
-        if args.model == "sdxl":
-            print("ours: skipped — finetune has no SDXL loader yet (two text encoders, added conditions)")
-        else:
-            for cache in ("none", "memory") if args.cache else ("none",):
-                runs.append(run_ours(args, model_dir, work, cache))
+        runs = [
+            run_ours(args, model_dir, work, cache)
+            for cache in (("none", "memory") if args.cache else ("none",))
+        ]
         reference, flops = run_reference(reference_setup(args, model_dir), args.warmup, args.steps)
     peak, device_name = peak_flops(args.device, args.peak_flops)
     setup = describe(args, device_name, flops, peak)

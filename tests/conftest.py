@@ -34,6 +34,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny SDXL pipeline (two text encoders, size conditioning) as a diffusers folder."""
+    from finetune.tiny import save_tiny_sdxl_pipeline
+
+    return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
 def fast_overrides(tiny_model: Path, run_dir: Path, steps: int = 4) -> list[str]:
     """A few CPU steps on the tiny model, short validation, CSV logs."""
     return [

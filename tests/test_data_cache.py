@@ -45,7 +45,7 @@ def test_cached_samples_hold_what_the_encoders_compute_from_the_same_sample(tmp_
     plain = _module(root, parts, random_flip=True)
     plain.setup("fit")
     cached = _module(root, parts, random_flip=True, cache="memory")
-    cache = cached.prepare_cache(parts.vae, parts.text_encoder)
+    cache = cached.prepare_cache(parts.vae, parts.prompts)
     assert cache.computed == 3 * 2 + 3  # both orientations of each image, and each caption
     flips = set()
     for seed in range(8):  # the sample seed picks the flip, cached or not
@@ -66,7 +66,7 @@ def test_disk_cache_reuses_unchanged_entries_and_recomputes_changed_ones(tmp_pat
 
     def fill(**overrides):
         module = _module(root, parts, cache="disk", cache_dir=str(store), **overrides)
-        return module.prepare_cache(parts.vae, parts.text_encoder)
+        return module.prepare_cache(parts.vae, parts.prompts)
 
     first = fill()
     assert (first.computed, first.reused) == (6, 0)
@@ -93,11 +93,11 @@ def test_text_is_not_cached_while_the_text_encoder_trains_or_tags_shuffle(tmp_pa
     root, store = _images(tmp_path / "data"), tmp_path / "cache"
     parts = load_components(ModelConfig(pretrained=str(tiny_model), resolution=32))
     shuffled = _module(root, parts, cache="disk", cache_dir=str(store), shuffle_tags=True)
-    cache = shuffled.prepare_cache(parts.vae, parts.text_encoder)
+    cache = shuffled.prepare_cache(parts.vae, parts.prompts)
     assert cache.text_keys is None and any("tags are shuffled" in note for note in cache.notes)
     add_lora(parts.text_encoder, 4, None, ["q_proj"], init_weights=True)
     training = _module(root, parts, cache="disk", cache_dir=str(store))
-    cache = training.prepare_cache(parts.vae, parts.text_encoder)
+    cache = training.prepare_cache(parts.vae, parts.prompts)
     assert cache.text_keys is None and any("text encoder trains" in note for note in cache.notes)
     assert (cache.computed, cache.reused) == (0, 3)  # the latents were cached by the first call
     assert "input_ids" in training.dataset[(0, 0)] and "latent_dist" in training.dataset[(0, 0)]
@@ -117,7 +117,7 @@ def test_a_file_that_fails_while_caching_is_dropped_with_its_reason(tmp_path, pa
     module = _module(root, parts, cache="memory")
     (root / "2.png").write_bytes(data[:60])  # broken after the scan read its header
     with caplog.at_level(logging.WARNING):
-        module.prepare_cache(parts.vae, parts.text_encoder)
+        module.prepare_cache(parts.vae, parts.prompts)
     assert [r.key for r in module.records] == ["0.png", "1.png"]
     assert module.scan_result.skipped[-1].key == "2.png"
     assert "2.png" in caplog.text

@@ -10,12 +10,20 @@ import torch
 from conftest import logged_metric, run_module, strategy_args
 from safetensors.torch import load_file
 
-# method -> (extra overrides, the exported weights file under the run folder)
+# case -> (base model fixture, extra overrides, the exported weights file under the run folder)
 METHODS = {
-    "lora": ([], "adapter/pytorch_lora_weights.safetensors"),
+    "lora": ("tiny_model", [], "adapter/pytorch_lora_weights.safetensors"),
     "controlnet": (
+        "tiny_model",
         ["method=controlnet", "data.conditioning=canny"],
         "controlnet/diffusion_pytorch_model.safetensors",
+    ),
+    # SDXL with LoRA on both text encoders (sharded layer by layer; the first one's penultimate layer
+    # is what the U-Net reads).
+    "sdxl_text_encoders": (
+        "tiny_sdxl_model",
+        ["method.train_text_encoder=true"],
+        "adapter/pytorch_lora_weights.safetensors",
     ),
 }
 
@@ -23,9 +31,10 @@ METHODS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(METHODS))
 def test_fsdp_shards_the_trained_weights_and_trains_like_ddp(
-    tiny_model: Path, tmp_path: Path, method: str
+    request: pytest.FixtureRequest, tmp_path: Path, method: str
 ) -> None:
-    extra, export = METHODS[method]
+    model_fixture, extra, export = METHODS[method]
+    tiny_model = request.getfixturevalue(model_fixture)
     shards = tmp_path / "shards"
     # 3 held-out images on 2 ranks: an uneven share of the validation loss's forward passes.
     extra = extra + ["data.holdout=3", "validation.loss_timesteps=[200,800]"]

@@ -65,7 +65,7 @@ def test_warmup_then_schedule_with_gradient_accumulation(
     assert logged_lrs(tmp_path) == pytest.approx(expected, abs=1e-9)
 
 
-@pytest.mark.parametrize("model, resolution", [("sd15", 512), ("sd21", 768), ("tiny", 32)])
+@pytest.mark.parametrize("model, resolution", [("sd15", 512), ("sd21", 768), ("sdxl", 1024), ("tiny", 32)])
 def test_model_configs_set_resolution_for_data_and_samples(model: str, resolution: int) -> None:
     cfg = compose_config([f"model={model}", "run_dir=/unused"])
     assert cfg.model.resolution == resolution and cfg.data.resolution == resolution
@@ -78,3 +78,10 @@ def test_sd15_recipe_composes_with_a_real_model_setup() -> None:
     assert cfg.data.resolution == 512 and cfg.data.path == "/my/style"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.method.rank == 16
     assert set(cfg.logger) == {"tensorboard", "wandb"}
+
+
+def test_sdxl_recipe_is_the_sd15_one_on_sdxl_at_1024_px() -> None:
+    cfg = compose_config(["experiment=sdxl_style_lora", "data.path=/my/style", "run_dir=/unused"])
+    assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert cfg.data.resolution == 1024 and cfg.data.buckets and cfg.data.cache == "memory"
+    assert cfg.trainer.precision == "bf16-mixed" and cfg.method.rank == 16 and cfg.name == "sdxl_style_lora"

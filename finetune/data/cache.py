@@ -150,9 +150,10 @@ class DataCache:
     def latent(self, index: int, flip: bool) -> torch.Tensor:
         return self.store.get(self.latents[index].keys[flip])["latent_dist"]
 
-    def text(self, caption: str) -> torch.Tensor:
+    def text(self, caption: str) -> dict[str, torch.Tensor]:
+        """`text_embeds`, and for SDXL `pooled_text_embeds`, of one caption."""
         assert self.text_keys is not None
-        return self.store.get(self.text_keys[caption])["text_embeds"]
+        return dict(self.store.get(self.text_keys[caption]))
 
 
 def plan_cache(

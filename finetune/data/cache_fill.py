@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from finetune.data.buckets import fit_to
 from finetune.data.cache import CacheStore, DataCache, batched, model_identity, plan_cache
-from finetune.data.captions import CaptionStyle, tokenize_batch
+from finetune.data.captions import CaptionStyle
 from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord, Skipped
@@ -33,8 +33,7 @@ def fill_cache(
     records: Sequence[ImageRecord],
     sizes: Sequence[tuple[int, int]],
     vae: Any,
-    text_encoder: Any,
-    tokenizer: Any,
+    prompts: Any,
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
@@ -67,17 +66,21 @@ def fill_cache(
                 for (index, flip), params in zip(done, parameters, strict=True):
                     cache.store.put(cache.latents[index].keys[flip], {"latent_dist": params})
             bar.update(len(batch))
+    device = prompts.text_encoder.device
     for batch in batched(texts, batch_size):
-        ids = tokenize_batch(tokenizer, batch)
-        features = text_encoder(ids.to(text_encoder.device), return_dict=False)[0]
-        for text, feature in zip(batch, features, strict=True):
-            cache.store.put(cache.text_keys[text], {"text_embeds": feature})  # type: ignore[index]
+        ids = {name: value.to(device) for name, value in prompts.tokenize(batch).items()}
+        features = prompts.encode(**ids)
+        for i, text in enumerate(batch):
+            entry = {"text_embeds": features.hidden[i]}
+            if features.pooled is not None:
+                entry["pooled_text_embeds"] = features.pooled[i]
+            cache.store.put(cache.text_keys[text], entry)  # type: ignore[index]
         bar.update(len(batch))
     bar.close()
     return result
 
 
-def prepare_cache(datamodule: Any, vae: Any, text_encoder: Any, strategy: Any = None) -> DataCache:
+def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None) -> DataCache:
     """Plan the datamodule's cache, fill it (each rank its share), share the results across ranks.
 
     Images that fail to decode here are dropped from the datamodule with their reason. Text features
@@ -85,7 +88,8 @@ def prepare_cache(datamodule: Any, vae: Any, text_encoder: Any, strategy: Any = 
     """
     cfg = datamodule.cfg
     captions = CaptionStyle.from_config(cfg)
-    cache_text = not cfg.shuffle_tags and not any(p.requires_grad for p in text_encoder.parameters())
+    trains_text = any(p.requires_grad for model in prompts.models for p in model.parameters())
+    cache_text = not cfg.shuffle_tags and not trains_text
     store = CacheStore(cfg.cache, Path(cfg.cache_dir) if cfg.cache_dir else None)
     cache = plan_cache(
         datamodule.records,
@@ -97,8 +101,8 @@ def prepare_cache(datamodule: Any, vae: Any, text_encoder: Any, strategy: Any = 
         vae=model_identity(vae),
         vae_dtype=vae.dtype,
         captions=captions,
-        text_encoder=model_identity(text_encoder) if cache_text else None,
-        text_dtype=text_encoder.dtype,
+        text_encoder=prompts.identity(model_identity) if cache_text else None,
+        text_dtype=prompts.text_encoder.dtype,
         max_length=datamodule.tokenizer.model_max_length,
     )
     if not cache_text:
@@ -111,8 +115,7 @@ def prepare_cache(datamodule: Any, vae: Any, text_encoder: Any, strategy: Any = 
         datamodule.records,
         datamodule.sizes,
         vae,
-        text_encoder,
-        datamodule.tokenizer,
+        prompts,
         cfg.batch_size,
         rank,
         world,

@@ -50,11 +50,6 @@ class CaptionStyle:
         return joiner.join(kept + [rest[i] for i in order])
 
 
-def tokenize(tokenizer: Any, caption: str) -> torch.Tensor:
-    """int64 token ids of one caption, padded/truncated to the tokenizer's model_max_length."""
-    return tokenize_batch(tokenizer, [caption])[0]
-
-
 def tokenize_batch(tokenizer: Any, captions: list[str]) -> torch.Tensor:
     """[B, model_max_length] int64 token ids, padded and truncated as the text encoder expects."""
     tokens = tokenizer(
@@ -65,3 +60,11 @@ def tokenize_batch(tokenizer: Any, captions: list[str]) -> torch.Tensor:
         return_tensors="pt",
     )
     return tokens.input_ids.long()
+
+
+def tokenize_captions(tokenizer: Any, tokenizer_2: Any, captions: list[str]) -> dict[str, torch.Tensor]:
+    """`input_ids` ([B, L]), and `input_ids_2` from SDXL's second tokenizer when there is one."""
+    ids = {"input_ids": tokenize_batch(tokenizer, captions)}
+    if tokenizer_2 is not None:
+        ids["input_ids_2"] = tokenize_batch(tokenizer_2, captions)
+    return ids

@@ -52,10 +52,10 @@ def fill_disk_cache(cfg: DictConfig, datamodule: Any) -> None:
 
     components = load_components(cfg.model, weight_dtype_for(cfg.trainer.precision))
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    components.vae.to(device)
-    components.text_encoder.to(device)
-    datamodule.tokenizer = components.tokenizer
-    cache = datamodule.prepare_cache(components.vae, components.text_encoder)
+    for model in (components.vae, *components.text_encoders):
+        model.to(device)
+    datamodule.tokenizer, datamodule.tokenizer_2 = components.tokenizer, components.tokenizer_2
+    cache = datamodule.prepare_cache(components.vae, components.prompts)
     print(f"cache: {cache.computed} entries computed, {cache.reused} already there ({cache.store.directory})")
 
 

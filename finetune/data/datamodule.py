@@ -40,6 +40,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer  # set later when it comes with the model
+        self.tokenizer_2: Any = None  # SDXL's second tokenizer, likewise
         self.seed = seed
         self.scan_result: ScanResult | None = None
         self.sizes: list[tuple[int, int]] = []
@@ -104,6 +105,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             sizes,
             captions=style,
             conditioning=ConditioningImages.from_config(self.cfg),
+            tokenizer_2=self.tokenizer_2,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -123,15 +125,17 @@ class CaptionedImageDataModule(L.LightningDataModule):
             captions=CaptionStyle.from_config(self.cfg),
             cache=self.cache,
             conditioning=ConditioningImages.from_config(self.cfg),
+            tokenizer_2=self.tokenizer_2,
         )
 
-    def prepare_cache(self, vae: Any, text_encoder: Any, strategy: Any = None) -> DataCache | None:
-        """Plan and fill the cache `data.cache` asks for (ranks share the work); None when it is off."""
+    def prepare_cache(self, vae: Any, prompts: Any, strategy: Any = None) -> DataCache | None:
+        """Plan and fill the cache `data.cache` asks for (ranks share the work); None when it is off.
+        `prompts`: the model's `PromptEncoder` (text encoders and tokenizers)."""
         from finetune.data.cache_fill import prepare_cache
 
         if self.cfg.cache == "none":
             return None
-        self.cache = prepare_cache(self, vae, text_encoder, strategy)
+        self.cache = prepare_cache(self, vae, prompts, strategy)
         self.setup("fit")  # the dataset now reads from the cache
         return self.cache
 
@@ -164,7 +168,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
 
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        return StreamingCaptionedImages(self.cfg, self.tokenizer, self.seed, rank, world)
+        return StreamingCaptionedImages(self.cfg, self.tokenizer, self.seed, rank, world, self.tokenizer_2)
 
     def train_dataloader(self) -> Any:
         if self.dataset is None:

@@ -1,7 +1,8 @@
 """One training sample from a record: decoded, fitted to its bucket, augmented, tokenized.
 
-A sample: {"pixel_values": [3,H,W] in [-1,1], "input_ids": [L], "original_size": [2] (h, w),
-"crop_top_left": [2] (top, left), "index": the record's}, or cached latents / text features instead.
+A sample: {"pixel_values": [3,H,W] in [-1,1], "input_ids": [L] (and "input_ids_2" for SDXL's second
+tokenizer), "original_size": [2] (h, w), "crop_top_left": [2] (top, left), "index": the record's}, or
+cached latents / text features instead.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torchvision.transforms import v2
 
 from finetune.data.buckets import choose_crop, fit_to
 from finetune.data.cache import DataCache
-from finetune.data.captions import CaptionStyle, tokenize
+from finetune.data.captions import CaptionStyle, tokenize_captions
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord
@@ -52,9 +53,10 @@ class CaptionedImageDataset(Dataset):
         captions: CaptionStyle | None = None,
         cache: DataCache | None = None,
         conditioning: ConditioningImages | None = None,
+        tokenizer_2: Any = None,
     ) -> None:
         self.records, self.sizes = records, sizes
-        self.tokenizer = tokenizer
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.random_crop, self.random_flip = random_crop, random_flip
         self.captions = captions or CaptionStyle()
         self.cache = cache
@@ -76,7 +78,7 @@ class CaptionedImageDataset(Dataset):
         fitted = fit_to(image, size, top_left, flip)
         item = {
             "pixel_values": TO_TENSOR(fitted.image),
-            "input_ids": self.tokenize(self.captions.apply(record.caption or "", generator)),
+            **self.tokenize(self.captions.apply(record.caption or "", generator)),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(index),
@@ -103,9 +105,9 @@ class CaptionedImageDataset(Dataset):
             "index": torch.tensor(index),
         }
         if self.cache.text_keys is not None:
-            item["text_embeds"] = self.cache.text(caption)
+            item.update(self.cache.text(caption))  # text_embeds (and SDXL's pooled_text_embeds)
         else:
-            item["input_ids"] = self.tokenize(caption)
+            item.update(self.tokenize(caption))
         if self.conditioning is not None:  # placed like the cached latents: same crop and flip
             record, image, _ = self._load(index)
             fitted = fit_to(image, self.sizes[index], entry.crop_top_left, flip)
@@ -132,5 +134,10 @@ class CaptionedImageDataset(Dataset):
             f"no decodable image of size {size[0]} x {size[1]} left (see warnings) — check the data"
         )
 
-    def tokenize(self, caption: str) -> torch.Tensor:
-        return tokenize(self.tokenizer, caption)
+    def tokenize(self, caption: str) -> dict[str, torch.Tensor]:
+        return tokenize_one(self.tokenizer, self.tokenizer_2, caption)
+
+
+def tokenize_one(tokenizer: Any, tokenizer_2: Any, caption: str) -> dict[str, torch.Tensor]:
+    """`input_ids` ([L]) of one caption, and `input_ids_2` for SDXL's second tokenizer."""
+    return {name: ids[0] for name, ids in tokenize_captions(tokenizer, tokenizer_2, [caption]).items()}

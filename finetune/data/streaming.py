@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import IterableDataset
 
 from finetune.data.buckets import choose_crop, fit_to
-from finetune.data.captions import CaptionStyle, tokenize
-from finetune.data.dataset import TO_TENSOR
+from finetune.data.captions import CaptionStyle
+from finetune.data.dataset import TO_TENSOR, tokenize_one
 from finetune.data.images import ImageDecodeError, decode_value, value_header
 from finetune.errors import ConfigError, DataError
 
@@ -43,8 +43,10 @@ def check_streaming(cfg: Any, max_steps: int) -> None:
 class StreamingCaptionedImages(IterableDataset):
     """Samples shaped like `CaptionedImageDataset`'s, from a streamed dataset (square crops)."""
 
-    def __init__(self, cfg: Any, tokenizer: Any, seed: int, rank: int = 0, world_size: int = 1) -> None:
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(
+        self, cfg: Any, tokenizer: Any, seed: int, rank: int = 0, world_size: int = 1, tokenizer_2: Any = None
+    ) -> None:
+        self.cfg, self.tokenizer, self.tokenizer_2 = cfg, tokenizer, tokenizer_2
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.captions = CaptionStyle.from_config(cfg)
         self.skipped = 0
@@ -111,8 +113,10 @@ class StreamingCaptionedImages(IterableDataset):
         )
         return {
             "pixel_values": TO_TENSOR(fitted.image),
-            "input_ids": tokenize(
-                self.tokenizer, self.captions.apply(" ".join(str(caption).split()), generator)
+            **tokenize_one(
+                self.tokenizer,
+                self.tokenizer_2,
+                self.captions.apply(" ".join(str(caption).split()), generator),
             ),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),

@@ -13,6 +13,7 @@ import torch
 
 from finetune.errors import ConfigError
 from finetune.models import Components
+from finetune.prompts import TextConditioning
 
 
 class Method(Protocol):
@@ -31,7 +32,7 @@ class Method(Protocol):
         components: Components,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
+        text: TextConditioning,
         batch: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """The model's prediction for the noisy latents (ControlNet adds its residuals here)."""
@@ -53,11 +54,13 @@ def unet_denoise(
     components: Components,
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
-    text_embeddings: torch.Tensor,
+    text: TextConditioning,
     batch: dict[str, torch.Tensor],
 ) -> torch.Tensor:
     """The plain U-Net prediction: `denoise` for methods that only change U-Net weights."""
-    return components.unet(noisy_latents, timesteps, text_embeddings, return_dict=False)[0]
+    return components.unet(
+        noisy_latents, timesteps, text.hidden, added_cond_kwargs=text.added, return_dict=False
+    )[0]
 
 
 def build_method(cfg: Any) -> Method:

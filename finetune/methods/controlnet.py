@@ -10,10 +10,12 @@ from typing import Any
 import torch
 from diffusers import ControlNetModel
 
+from finetune.checks import check_sdxl_method
 from finetune.config import ControlNetMethodConfig
 from finetune.errors import ConfigError
 from finetune.methods.lora import add_lora
 from finetune.models import Components
+from finetune.prompts import TextConditioning
 
 # diffusers' conditioning embedding for SD (8x VAE): three stride-2 convolutions. Smaller VAE
 # factors keep the first entries, one stride-2 step per halving.
@@ -52,6 +54,7 @@ class ControlNetMethod:
         self.cfg = cfg
 
     def prepare(self, components: Components) -> None:
+        check_sdxl_method(self.name, components.is_sdxl)  # a hub model the config check could not read
         cfg = self.cfg
         controlnet = load_controlnet(cfg, components).to(torch.float32)
         if cfg.lora_rank:
@@ -73,7 +76,7 @@ class ControlNetMethod:
         components: Components,
         noisy_latents: torch.Tensor,
         timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
+        text: TextConditioning,
         batch: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         """The U-Net's prediction with the ControlNet's residuals added, as at inference."""
@@ -81,7 +84,7 @@ class ControlNetMethod:
         down, mid = controlnet(
             noisy_latents,
             timesteps,
-            encoder_hidden_states=text_embeddings,
+            encoder_hidden_states=text.hidden,
             controlnet_cond=batch["conditioning_pixel_values"].to(controlnet.dtype),
             conditioning_scale=self.cfg.conditioning_scale,
             return_dict=False,
@@ -90,7 +93,7 @@ class ControlNetMethod:
         return components.unet(
             noisy_latents,
             timesteps,
-            text_embeddings,
+            text.hidden,
             down_block_additional_residuals=[residual.to(dtype) for residual in down],
             mid_block_additional_residual=mid.to(dtype),
             return_dict=False,

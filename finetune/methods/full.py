@@ -12,6 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
+from finetune.checks import check_sdxl_method
 from finetune.config import FullMethodConfig
 from finetune.export import ExportExistsError
 from finetune.files import atomic_dir
@@ -56,6 +57,7 @@ class FullMethod:
         self.unet: UNet2DConditionModel | None = None
 
     def prepare(self, components: Components) -> None:
+        check_sdxl_method(self.name, components.is_sdxl)  # a hub model the config check could not read
         unet = components.unet
         unet.to(torch.float32).requires_grad_(True)
         self.unet = unet
