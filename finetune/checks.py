@@ -168,9 +168,11 @@ def index_is_sdxl(index: dict) -> bool:
 
 
 def check_sdxl_method(method: str | None, sdxl: bool | None) -> None:
-    """SDXL trains LoRA adapters; ControlNet and full fine-tuning are SD 1.x / 2.x only so far."""
-    if sdxl and method in ("controlnet", "full"):
-        raise ConfigError(f"method: '{method}' is not available for SDXL models yet — use method=lora")
+    """SDXL trains LoRA adapters or the whole U-Net; ControlNet is SD 1.x / 2.x only so far."""
+    if sdxl and method == "controlnet":
+        raise ConfigError(
+            f"method: '{method}' is not available for SDXL models yet — use method=lora or full"
+        )
 
 
 def check_latent_shapes(cfg: Any) -> None:

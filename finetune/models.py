@@ -19,6 +19,7 @@ from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
     DiffusionPipeline,
+    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -64,6 +65,34 @@ class Components:
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         return self.prompts.models
+
+    def pipeline(self, scheduler: Any = None) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+        """An SD or SDXL pipeline over these (live, not copied) models, without a safety checker; with
+        the ControlNet when there is one."""
+        scheduler = scheduler if scheduler is not None else self.noise_scheduler
+        if self.is_sdxl:
+            return StableDiffusionXLPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer,
+                tokenizer_2=self.tokenizer_2,
+                unet=self.unet,
+                scheduler=scheduler,
+            )
+        parts = dict(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        if self.controlnet is not None:
+            return StableDiffusionControlNetPipeline(**parts, controlnet=self.controlnet)
+        return StableDiffusionPipeline(**parts)
 
 
 def resolve_source(cfg: ModelConfig) -> str:

@@ -16,9 +16,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
@@ -62,30 +60,7 @@ def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffu
     """A pipeline that shares the module's live weights (no copies): SD or SDXL, with the ControlNet
     if one trains."""
     parts = module.components
-    common = dict(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=parts.unet,
-        scheduler=sampler_from(parts.noise_scheduler, sampler),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    if parts.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=parts.vae,
-            text_encoder=parts.text_encoder,
-            text_encoder_2=parts.text_encoder_2,
-            tokenizer=parts.tokenizer,
-            tokenizer_2=parts.tokenizer_2,
-            unet=parts.unet,
-            scheduler=common["scheduler"],
-        )
-    elif parts.controlnet is not None:
-        pipe = StableDiffusionControlNetPipeline(controlnet=parts.controlnet, **common)
-    else:
-        pipe = StableDiffusionPipeline(**common)
+    pipe = parts.pipeline(sampler_from(parts.noise_scheduler, sampler))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -107,14 +107,35 @@ def test_sdxl_size_conditioning_and_cached_pooled_text(tiny_sdxl_model: Path, tm
     assert text.added["text_embeds"] is fresh.pooled
 
 
-@pytest.mark.parametrize("method", ["controlnet", "full"])
-def test_methods_not_available_for_sdxl_are_refused_before_loading(
-    tiny_sdxl_model: Path, tmp_path: Path, method: str
+@pytest.mark.slow
+def test_sdxl_full_fine_tuning_exports_an_sdxl_folder_with_the_ema_weights(
+    tiny_sdxl_model: Path, tmp_path: Path
 ) -> None:
-    extra = ["data.conditioning=canny"] if method == "controlnet" else []
-    cfg = compose_config(fast_overrides(tiny_sdxl_model, tmp_path / "run") + [f"method={method}", *extra])
-    with pytest.raises(ConfigError, match=f"method: '{method}' is not available for SDXL"):
-        check_config(cfg)
+    overrides = sdxl_overrides(tiny_sdxl_model, tmp_path / "run") + ["method=full", "optim.lr=1e-3"]
+    run = train(compose_config(overrides))
+    assert set(run.exported) == {"diffusers"}  # the original-layout single file is SD 1.x / 2.x only
+    exported = StableDiffusionXLPipeline.from_pretrained(run.exported["diffusers"])
+    base = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
+    module = run.module
+    with module.method.inference_weights():  # the EMA weights
+        trained = {name: p.detach().clone() for name, p in module.unet.named_parameters()}
+    for name, parameter in exported.unet.named_parameters():
+        torch.testing.assert_close(parameter, trained[name], msg=name)
+    changed = [n for n, p in base.unet.named_parameters() if not torch.equal(p, trained[n])]
+    assert len(changed) > len(trained) // 2  # the whole U-Net trained, not an adapter
+    for ours, theirs in zip(
+        exported.text_encoder_2.parameters(), base.text_encoder_2.parameters(), strict=True
+    ):
+        assert torch.equal(ours, theirs)  # the text encoders are the base's
+
+
+def test_controlnet_for_sdxl_is_refused_before_loading(tiny_sdxl_model: Path, tmp_path: Path) -> None:
+    overrides = fast_overrides(tiny_sdxl_model, tmp_path / "run") + [
+        "method=controlnet",
+        "data.conditioning=canny",
+    ]
+    with pytest.raises(ConfigError, match="method: 'controlnet' is not available for SDXL"):
+        check_config(compose_config(overrides))
 
 
 def test_a_single_file_sdxl_checkpoint_is_refused_with_what_to_give_instead(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -9,15 +10,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 
-from finetune.checks import check_sdxl_method
 from finetune.config import FullMethodConfig
 from finetune.export import ExportExistsError
 from finetune.files import atomic_dir
 from finetune.methods import unet_denoise
 from finetune.models import Components
+
+log = logging.getLogger(__name__)
 
 
 class EMACallback(L.Callback):
@@ -57,7 +59,6 @@ class FullMethod:
         self.unet: UNet2DConditionModel | None = None
 
     def prepare(self, components: Components) -> None:
-        check_sdxl_method(self.name, components.is_sdxl)  # a hub model the config check could not read
         unet = components.unet
         unet.to(torch.float32).requires_grad_(True)
         self.unet = unet
@@ -95,7 +96,8 @@ class FullMethod:
         return {"method": "full", "ema": self.cfg.ema, "ema_decay": self.cfg.ema_decay}
 
     def export(self, components: Components, run_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
-        """`<run_dir>/model/`: a diffusers pipeline folder, plus `model.safetensors` (original layout)."""
+        """`<run_dir>/model/`: a diffusers pipeline folder, plus `model.safetensors` (original layout;
+        SD 1.x / 2.x only)."""
         from finetune.convert import save_single_file
 
         out_dir = run_dir / "model"
@@ -103,21 +105,18 @@ class FullMethod:
             raise ExportExistsError(
                 f"{out_dir} already exists; move it away to export again (the weights are in checkpoints/)"
             )
-        pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=components.unet,
-            scheduler=components.noise_scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        pipe = components.pipeline()
         written = {"diffusers": out_dir}
         with self.inference_weights():
             with atomic_dir(out_dir) as partial:  # the folder appears complete or not at all
                 pipe.save_pretrained(partial, safe_serialization=True)
-            if self.cfg.save_single_file:
+            if self.cfg.save_single_file and components.is_sdxl:
+                log.warning(
+                    "method.save_single_file: the original-layout file is written for SD 1.x / 2.x only; "
+                    "this SDXL model is exported as the diffusers folder %s",
+                    out_dir,
+                )
+            elif self.cfg.save_single_file:
                 written["single_file"] = save_single_file(
                     pipe, run_dir / "model.safetensors", metadata=metadata
                 )
