@@ -52,9 +52,7 @@ def check_config(cfg: Any) -> None:
         check_streaming(cfg.data, cfg.trainer.max_steps)
     if OmegaConf.select(cfg, "model", default=None) is not None:
         check_latent_shapes(cfg)
-        sdxl = is_sdxl_model(cfg.model)
-        check_sdxl_method(OmegaConf.select(cfg, "method.name"), sdxl)
-        if sdxl and str(cfg.model.pretrained).endswith(".safetensors"):
+        if is_sdxl_model(cfg.model) and str(cfg.model.pretrained).endswith(".safetensors"):
             raise ConfigError(
                 "model.pretrained: single-file SDXL checkpoints are not supported yet — give its diffusers "
                 "folder or hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
@@ -165,14 +163,6 @@ def index_is_sdxl(index: dict) -> bool:
     """A pipeline's model_index.json names a second text encoder only for SDXL."""
     entry = index.get("text_encoder_2")
     return bool(entry) and entry[0] is not None
-
-
-def check_sdxl_method(method: str | None, sdxl: bool | None) -> None:
-    """SDXL trains LoRA adapters or the whole U-Net; ControlNet is SD 1.x / 2.x only so far."""
-    if sdxl and method == "controlnet":
-        raise ConfigError(
-            f"method: '{method}' is not available for SDXL models yet — use method=lora or full"
-        )
 
 
 def check_latent_shapes(cfg: Any) -> None:

@@ -47,9 +47,15 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def with_controlnet(pipe: Any, controlnet: Any) -> Any:
-    from diffusers import StableDiffusionControlNetPipeline
+    from diffusers import (
+        StableDiffusionControlNetPipeline,
+        StableDiffusionXLControlNetPipeline,
+        StableDiffusionXLPipeline,
+    )
 
-    controlled = StableDiffusionControlNetPipeline(**pipe.components, controlnet=controlnet)
+    sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+    kind = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
+    controlled = kind(**pipe.components, controlnet=controlnet)
     controlled.set_progress_bar_config(disable=True)
     return controlled
 

@@ -21,6 +21,7 @@ from diffusers import (
     DiffusionPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLControlNetPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -71,7 +72,7 @@ class Components:
         the ControlNet when there is one."""
         scheduler = scheduler if scheduler is not None else self.noise_scheduler
         if self.is_sdxl:
-            return StableDiffusionXLPipeline(
+            xl = dict(
                 vae=self.vae,
                 text_encoder=self.text_encoder,
                 text_encoder_2=self.text_encoder_2,
@@ -80,6 +81,9 @@ class Components:
                 unet=self.unet,
                 scheduler=scheduler,
             )
+            if self.controlnet is not None:
+                return StableDiffusionXLControlNetPipeline(**xl, controlnet=self.controlnet)
+            return StableDiffusionXLPipeline(**xl)
         parts = dict(
             vae=self.vae,
             text_encoder=self.text_encoder,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONF_DIR, compose_config, fast_overrides
-from diffusers import StableDiffusionXLPipeline
+from diffusers import ControlNetModel, StableDiffusionXLPipeline
 from hydra import compose, initialize_config_dir
 from PIL import Image
 from safetensors.torch import load_file
@@ -129,13 +129,58 @@ def test_sdxl_full_fine_tuning_exports_an_sdxl_folder_with_the_ema_weights(
         assert torch.equal(ours, theirs)  # the text encoders are the base's
 
 
-def test_controlnet_for_sdxl_is_refused_before_loading(tiny_sdxl_model: Path, tmp_path: Path) -> None:
-    overrides = fast_overrides(tiny_sdxl_model, tmp_path / "run") + [
+@pytest.mark.slow
+def test_sdxl_controlnet_trains_with_size_conditioning_and_generates_from_its_export(
+    tiny_sdxl_model: Path, tmp_path: Path
+) -> None:
+    overrides = sdxl_overrides(tiny_sdxl_model, tmp_path / "run") + [
         "method=controlnet",
         "data.conditioning=canny",
     ]
-    with pytest.raises(ConfigError, match="method: 'controlnet' is not available for SDXL"):
-        check_config(compose_config(overrides))
+    run = train(compose_config(overrides))
+    assert set(run.exported) == {"controlnet"}  # the original-layout single file is SD 1.x / 2.x only
+    trained = run.module.controlnet.eval()
+    assert any(p.abs().sum() > 0 for p in trained.controlnet_mid_block.parameters())  # starts at zero
+
+    # The exported ControlNet gives the trained one's residuals, SDXL's added conditions included.
+    exported = ControlNetModel.from_pretrained(run.exported["controlnet"])
+    prompts = run.module.components.prompts
+    with torch.no_grad():
+        text = prompts.encode(**prompts.tokenize([CAPTION]))
+        added = {"text_embeds": text.pooled, "time_ids": torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]])}
+        inputs = dict(
+            sample=torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4)),
+            timestep=500,
+            encoder_hidden_states=text.hidden,
+            controlnet_cond=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5)),
+            added_cond_kwargs=added,
+            return_dict=False,
+        )
+        for ours, theirs in zip(trained(**inputs)[0], exported(**inputs)[0], strict=True):
+            torch.testing.assert_close(theirs, ours)
+
+    # finetune-generate puts it beside the SDXL model; the control image steers the result.
+    Image.new("RGB", (32, 32)).save(tmp_path / "black.png")
+    square = Image.new("RGB", (32, 32))
+    square.paste((255, 255, 255), (8, 8, 24, 24))
+    square.save(tmp_path / "square.png")
+
+    def generated(name: str, control: str) -> np.ndarray:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            overrides = [
+                f"model.pretrained={tiny_sdxl_model}",
+                f"out_dir={tmp_path / name}",
+                "steps=2",
+                f"prompt=[{CAPTION}]",
+                f"controlnet={run.exported['controlnet']}",
+                f"control_image={tmp_path / control}",
+                "controlnet_scale=10",
+            ]
+            paths = generate(compose(config_name="generate", overrides=overrides))
+        return np.stack([np.asarray(Image.open(path), dtype=float) for path in paths])
+
+    # Without the ControlNet wired into the SDXL pipeline both would be the same pixels.
+    assert not np.array_equal(generated("black", "black.png"), generated("square", "square.png"))
 
 
 def test_a_single_file_sdxl_checkpoint_is_refused_with_what_to_give_instead(tmp_path: Path) -> None:

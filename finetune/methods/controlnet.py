@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -10,12 +11,13 @@ from typing import Any
 import torch
 from diffusers import ControlNetModel
 
-from finetune.checks import check_sdxl_method
 from finetune.config import ControlNetMethodConfig
 from finetune.errors import ConfigError
 from finetune.methods.lora import add_lora
 from finetune.models import Components
 from finetune.prompts import TextConditioning
+
+log = logging.getLogger(__name__)
 
 # diffusers' conditioning embedding for SD (8x VAE): three stride-2 convolutions. Smaller VAE
 # factors keep the first entries, one stride-2 step per halving.
@@ -54,7 +56,6 @@ class ControlNetMethod:
         self.cfg = cfg
 
     def prepare(self, components: Components) -> None:
-        check_sdxl_method(self.name, components.is_sdxl)  # a hub model the config check could not read
         cfg = self.cfg
         controlnet = load_controlnet(cfg, components).to(torch.float32)
         if cfg.lora_rank:
@@ -87,6 +88,7 @@ class ControlNetMethod:
             encoder_hidden_states=text.hidden,
             controlnet_cond=batch["conditioning_pixel_values"].to(controlnet.dtype),
             conditioning_scale=self.cfg.conditioning_scale,
+            added_cond_kwargs=text.added,  # SDXL's pooled text and sizes; None for SD
             return_dict=False,
         )
         dtype = components.unet.dtype
@@ -96,6 +98,7 @@ class ControlNetMethod:
             text.hidden,
             down_block_additional_residuals=[residual.to(dtype) for residual in down],
             mid_block_additional_residual=mid.to(dtype),
+            added_cond_kwargs=text.added,
             return_dict=False,
         )[0]
 
@@ -114,8 +117,16 @@ class ControlNetMethod:
         }
 
     def export(self, components: Components, run_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
-        """`<run_dir>/controlnet/` (a diffusers folder) and `controlnet.safetensors` (original layout)."""
+        """`<run_dir>/controlnet/` (a diffusers folder) and `controlnet.safetensors` (original layout;
+        SD 1.x / 2.x only)."""
         from finetune.export_controlnet import export_controlnet
 
         single_file, unet_lora = self.cfg.save_single_file, bool(self.cfg.unet_lora_rank)
+        if single_file and components.is_sdxl:
+            log.warning(
+                "method.save_single_file: the original-layout ControlNet file is written for SD 1.x / 2.x "
+                "only; ComfyUI and A1111 also load the diffusers file in %s",
+                run_dir / "controlnet",
+            )
+            single_file = False
         return export_controlnet(components, run_dir, metadata, single_file=single_file, unet_lora=unet_lora)
