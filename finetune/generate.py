@@ -47,15 +47,9 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def with_controlnet(pipe: Any, controlnet: Any) -> Any:
-    from diffusers import (
-        StableDiffusionControlNetPipeline,
-        StableDiffusionXLControlNetPipeline,
-        StableDiffusionXLPipeline,
-    )
+    from finetune.models import with_controlnet as controlled_by
 
-    sdxl = isinstance(pipe, StableDiffusionXLPipeline)
-    kind = StableDiffusionXLControlNetPipeline if sdxl else StableDiffusionControlNetPipeline
-    controlled = kind(**pipe.components, controlnet=controlnet)
+    controlled = controlled_by(pipe, controlnet)
     controlled.set_progress_bar_config(disable=True)
     return controlled
 

@@ -72,7 +72,7 @@ class Components:
         the ControlNet when there is one."""
         scheduler = scheduler if scheduler is not None else self.noise_scheduler
         if self.is_sdxl:
-            xl = dict(
+            pipe = StableDiffusionXLPipeline(
                 vae=self.vae,
                 text_encoder=self.text_encoder,
                 text_encoder_2=self.text_encoder_2,
@@ -81,22 +81,27 @@ class Components:
                 unet=self.unet,
                 scheduler=scheduler,
             )
-            if self.controlnet is not None:
-                return StableDiffusionXLControlNetPipeline(**xl, controlnet=self.controlnet)
-            return StableDiffusionXLPipeline(**xl)
-        parts = dict(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        if self.controlnet is not None:
-            return StableDiffusionControlNetPipeline(**parts, controlnet=self.controlnet)
-        return StableDiffusionPipeline(**parts)
+        else:
+            pipe = StableDiffusionPipeline(
+                vae=self.vae,
+                text_encoder=self.text_encoder,
+                tokenizer=self.tokenizer,
+                unet=self.unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
+        return pipe if self.controlnet is None else with_controlnet(pipe, self.controlnet)
+
+
+def with_controlnet(pipe: Any, controlnet: Any) -> Any:
+    """`pipe`'s models with `controlnet` steering them: the SD or SDXL ControlNet pipeline."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return StableDiffusionXLControlNetPipeline(**pipe.components, controlnet=controlnet)
+    return StableDiffusionControlNetPipeline(
+        **pipe.components, controlnet=controlnet, requires_safety_checker=False
+    )
 
 
 def resolve_source(cfg: ModelConfig) -> str:
