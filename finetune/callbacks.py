@@ -1,4 +1,4 @@
-"""Callbacks: the data cache pre-pass, moving models for a block, and a whole-run progress bar."""
+"""Callbacks: the data cache pre-pass and report, moving models for a block, a whole-run progress bar."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -31,6 +32,34 @@ class DataCachePass(L.Callback):
             for model in (module.vae, *module.components.text_encoders):
                 model.to("cpu")
             log.info("data.cache: everything is cached; the VAE and text encoders wait on the CPU")
+
+
+class DataReport(L.Callback):
+    """When training starts, once the data is final (after the cache pre-pass, which drops images
+    that fail to decode): print the data report, write it to `path`, give its counts to the loggers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        from finetune.data.report import build_report, format_report, write_report
+
+        datamodule = trainer.datamodule
+        if not trainer.is_global_zero or datamodule is None:
+            return
+        if datamodule.cfg.streaming:
+            log.info(
+                "data report: streaming '%s' — rows are checked as they arrive; no counts",
+                datamodule.cfg.name,
+            )
+            return
+        report = build_report(datamodule.scan_result, datamodule.sizes, datamodule.tokenizer)
+        log.info("data report:\n%s", format_report(report, max_files=20))
+        write_report(report, self.path)
+        counts = {f"data/{key}": report[key] for key in ("images", "skipped", "fixed", "uncaptioned")}
+        counts["data/buckets"] = len(report["buckets"])
+        for logger in trainer.loggers:
+            logger.log_hyperparams(counts)
 
 
 @contextmanager

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -77,6 +79,29 @@ class StepCheckpoint(StepBoundary, ModelCheckpoint):
         if self.completed_a_step(trainer):
             super().on_train_batch_end(trainer, *args)
 
+    @staticmethod
+    def _link_checkpoint(trainer: L.Trainer, filepath: str, linkpath: str) -> None:
+        """`save_last="link"`: last.ckpt names the newest checkpoint instead of being a second full
+        copy of it (tens of GB for a full SDXL fine-tune).
+
+        Lightning's own link is a symlink made after deleting the old one; ours is a hard link (a
+        symlink for DeepSpeed's folders) swapped in with one rename, so last.ckpt is never missing,
+        and never dangling when `checkpoint.keep_last` deletes the file it named.
+        """
+        target, link = Path(filepath), Path(linkpath)
+        # Already so (POSIX rename between two links to one file does nothing and leaves the source).
+        if not trainer.is_global_zero or (link.exists() and link.samefile(target)):
+            return
+        tmp = link.with_name(f".{link.name}.link.tmp")
+        tmp.unlink(missing_ok=True)
+        if target.is_dir():
+            tmp.symlink_to(target.name, target_is_directory=True)
+            if link.is_dir() and not link.is_symlink():  # a folder last.ckpt saved on a signal
+                shutil.rmtree(link)
+        else:
+            os.link(target, tmp)
+        os.replace(tmp, link)
+
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run (by modification time), or None.
@@ -91,6 +116,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         log.info("resume=auto: removing %s, left by a save that was interrupted", leftover)
         leftover.unlink(missing_ok=True)
     found = [*folder.glob("[!.]*.ckpt"), *run_dir.glob("hpc_ckpt_*.ckpt")]
+    found = [path for path in found if path.exists()]  # not a link whose checkpoint was deleted
     for path in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True):
         if is_complete(path):
             return path

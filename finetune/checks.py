@@ -13,28 +13,12 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune.errors import ConfigError
-
-# Keys whose value must be one of a few words; checked before anything heavy happens.
-CHOICES = {
-    "data.source": ("folder", "hf"),
-    "data.crop": ("center", "random"),
-    "data.missing_caption": ("skip", "empty", "default", "error"),
-    "data.cache": ("none", "memory", "disk"),
-    "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
-    "loss.prediction_type": (None, "epsilon", "v_prediction"),
-    "model.prediction_type": (None, "epsilon", "v_prediction"),
-    "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),
-    "model.attention": ("sdpa", "xformers", "eager"),
-}
+from finetune.value_checks import check_values, lightning_precisions
 
 
 def check_config(cfg: Any) -> None:
     """Fail with one line naming the key when a value or a combination of values cannot work."""
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value not in allowed:
-            words = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    check_values(cfg)
     if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
         data = cfg.data
         if not (data.conditioning or data.conditioning_path or data.conditioning_column):
@@ -64,7 +48,22 @@ def check_config(cfg: Any) -> None:
 
         check_optimizer(cfg.optim.name)
     check_strategy(cfg)
+    check_precision(cfg)
+
+
+def check_precision(cfg: Any) -> None:
+    """A precision Lightning knows, that can train here."""
     precision = str(cfg.trainer.precision)
+    known = lightning_precisions()
+    if precision not in known:
+        raise ConfigError(f"trainer.precision: '{precision}' is not one of {', '.join(known)}")
+    if precision == "16-true":
+        # Lightning's 16-true casts the trained weights to float16 too, where AdamW's eps (1e-8)
+        # is 0: the first step divides by zero and every weight becomes NaN.
+        raise ConfigError(
+            "trainer.precision: '16-true' trains the weights themselves in float16, where the optimizer "
+            "turns them to NaN — use 16-mixed (the frozen weights are float16 there too) or bf16-mixed"
+        )
     if precision.startswith("16") and _runs_on_cpu(str(cfg.trainer.accelerator)):
         raise ConfigError(
             f"trainer.precision: '{precision}' needs a CUDA GPU (float16 kernels are missing on CPU) — "
@@ -73,7 +72,7 @@ def check_config(cfg: Any) -> None:
 
 
 # What Lightning's ModelParallelStrategy (our trainer=fsdp) accepts.
-FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "bf16-true", "16-true")
+FSDP_PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "bf16-true")
 
 
 def check_strategy(cfg: Any) -> None:
@@ -92,6 +91,13 @@ def check_strategy(cfg: Any) -> None:
                 "method.ema: the EMA of sharded weights is not available with trainer=fsdp yet — "
                 "set method.ema=false or use trainer=ddp"
             )
+    if strategy.startswith("deepspeed_stage_3"):
+        # ZeRO-3 partitions the weights themselves: every forward pass (each sample grid) and the export
+        # would have to gather them on all ranks together.
+        raise ConfigError(
+            f"trainer.strategy: '{strategy}' (ZeRO-3) is not supported — use deepspeed_stage_2, or "
+            "trainer=fsdp to shard the weights themselves"
+        )
     if strategy.startswith("deepspeed"):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError(

@@ -6,12 +6,13 @@ when the config is composed — before any model is loaded — with a message na
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import os
+import typing
 from dataclasses import dataclass, field, make_dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -39,7 +40,7 @@ def run_stamp() -> str:
     elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     if elastic != "none":
         return f"torchrun-{elastic}"
-    return datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    return datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def bundled_path(relative: str) -> str:
@@ -237,7 +238,9 @@ _TRAINER_ARGS_OWNED_BY_US = {"self", "logger", "callbacks", "plugins"}
 
 
 def _trainer_schema() -> type:
-    """A dataclass with one field per `lightning.Trainer` argument, defaults as Lightning's."""
+    """A dataclass with one field per `lightning.Trainer` argument, defaults as Lightning's, typed
+    from Lightning's own annotations where OmegaConf can check them (`trainer.max_steps=ten` then
+    fails when the config is composed)."""
     import lightning as L
 
     fields = []
@@ -247,8 +250,35 @@ def _trainer_schema() -> type:
         default = parameter.default
         if not isinstance(default, (str, int, float, bool, type(None))):
             default = None
-        fields.append((name, Any, field(default=default)))
+        fields.append((name, _config_type(parameter.annotation, default), field(default=default)))
     return make_dataclass("TrainerConfig", fields)
+
+
+_PRIMITIVES = (bool, int, float, str)
+# Values a config can give that no primitive type describes: such a field stays untyped (Any).
+_UNTYPED = (list, dict, datetime.timedelta)
+
+
+def _config_type(annotation: Any, default: Any) -> Any:
+    """The type OmegaConf can check for a Trainer annotation: its primitive alternatives (a Literal
+    counts as its values' types, a Path as str; objects such as an Accelerator cannot come from a
+    config, so they drop out), or Any where a list of devices or a timedelta is one of them."""
+    options = set()
+    for option in typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,):
+        if typing.get_origin(option) is Literal:
+            options |= {type(value) for value in typing.get_args(option)}
+        else:
+            options.add(typing.get_origin(option) or option)
+    if any(isinstance(option, type) and issubclass(option, _UNTYPED) for option in options):
+        return Any
+    if Path in options:
+        options.add(str)
+    kept = tuple(option for option in _PRIMITIVES if option in options)
+    if not kept:
+        return Any
+    typed = Union[kept]  # noqa: UP007 (a type built at run time: Union[(int,)] is int)
+    optional = type(None) in options or default is None
+    return typing.Optional[typed] if optional else typed  # noqa: UP045
 
 
 def register_configs() -> None:

@@ -28,6 +28,7 @@ from peft.utils import get_peft_model_state_dict
 from finetune.errors import FinetuneError
 from finetune.files import atomic_dir
 from finetune.kohya_metadata import kohya_metadata, merge_metadata
+from finetune.nonfinite import check_finite
 
 ADAPTER_NAME = "default"
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
@@ -68,6 +69,8 @@ def export_lora(
     layers = {
         f"{prefix}_lora_layers": _diffusers_layers(model, adapter_name, dtype) for prefix, model in models
     }
+    for name, tensors in {"kohya": kohya_sd, **layers}.items():
+        check_finite(tensors, f"export ({name})")
     diffusers_header = {**common, "format": "pt"}
     # diffusers reads rank/alpha/targets back from this key; without it alpha would silently become rank.
     diffusers_header[LORA_ADAPTER_METADATA_KEY] = _lora_adapter_metadata(models, adapter_name)

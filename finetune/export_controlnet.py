@@ -6,11 +6,13 @@ import copy
 from pathlib import Path
 
 from diffusers import ControlNetModel
+from peft.utils import get_peft_model_state_dict
 
 from finetune.convert_controlnet import save_controlnet_file
 from finetune.export import ExportExistsError, export_lora
 from finetune.files import atomic_dir
 from finetune.models import Components
+from finetune.nonfinite import check_finite
 
 
 def plain_controlnet(controlnet: ControlNetModel) -> ControlNetModel:
@@ -34,6 +36,9 @@ def export_controlnet(
         if existing.exists():  # a finished run resumed into its own folder: never replace an export
             raise ExportExistsError(f"{existing} already exists; move it away to export again")
     controlnet = plain_controlnet(components.controlnet)
+    check_finite(controlnet.state_dict(), "export")  # before any file is written
+    if unet_lora:
+        check_finite(get_peft_model_state_dict(components.unet), "export (U-Net LoRA)")
     with atomic_dir(out_dir) as partial:  # the folder appears complete or not at all
         controlnet.save_pretrained(partial, safe_serialization=True)
     written = {"controlnet": out_dir}

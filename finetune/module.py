@@ -13,7 +13,13 @@ from finetune.config import LossConfig, OptimConfig
 from finetune.losses import diffusion_loss, min_snr_weights, regression_target, sample_noise
 from finetune.methods import Method
 from finetune.models import Components
-from finetune.nonfinite import NonFiniteSteps, check_finite
+from finetune.nonfinite import (
+    NonFiniteSteps,
+    check_finite,
+    deepspeed_engine,
+    grad_scaler_skips_inf,
+    judge_deepspeed_step,
+)
 from finetune.optimizers import build_optimizer
 from finetune.prompts import TextConditioning, size_conditioning
 from finetune.sharding import gradient_norm, is_sharded, shard_models
@@ -120,23 +126,42 @@ class DiffusionModule(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if deepspeed_engine(self.trainer) is not None:
+            return  # DeepSpeed holds the gradients in its partitions and judges the step: optimizer_step
         gradients = [p.grad for p in self.trainable_parameters() if p.grad is not None]
         # Norm before clipping: what the model produced, not what the clipper allowed through.
         total = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros((), device=self.device)
         total = gradient_norm(total)
-        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1, device=self.device)
-        self._step_losses = []
+        losses = self._take_step_losses()
         # One host sync per step. DDP has averaged the gradients, so every rank decides alike.
         loss_ok, norm_ok = torch.stack([torch.isfinite(losses).all(), torch.isfinite(total)]).tolist()
-        # Under 16-mixed, inf gradients are the grad scaler's business (it skips and rescales).
-        scaler_handles_it = str(self.trainer.precision).startswith("16")
-        if loss_ok and (norm_ok or scaler_handles_it):
-            self.nonfinite.passed()
+        if loss_ok and (norm_ok or grad_scaler_skips_inf(self.trainer.precision_plugin)):
+            # With inf gradients a grad scaler skips the step itself (and lowers its scale).
+            self.nonfinite.passed(applied=norm_ok)
             self.log("train/grad_norm", total)
         else:
             optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without gradients as they are
             self.nonfinite.skip("gradient" if loss_ok else "loss", self.global_step)
         self.log("train/skipped_steps", float(self.nonfinite.total))
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        engine = deepspeed_engine(self.trainer)
+        boundary = engine is not None and engine.is_gradient_accumulation_boundary()
+        super().optimizer_step(*args, **kwargs)
+        if boundary:
+            self._judge_deepspeed_step(engine)
+
+    def _judge_deepspeed_step(self, engine: Any) -> None:
+        norm = judge_deepspeed_step(engine, self._take_step_losses(), self.nonfinite, self.global_step)
+        if norm is not None:
+            self.log("train/grad_norm", norm)
+        self.log("train/skipped_steps", float(self.nonfinite.total))
+
+    def _take_step_losses(self) -> torch.Tensor:
+        """This optimizer step's micro-batch losses, and a fresh list for the next step."""
+        losses = torch.stack(self._step_losses) if self._step_losses else torch.zeros(1, device=self.device)
+        self._step_losses = []
+        return losses
 
     # ----- sharding (trainer=fsdp) ----------------------------------------------------------
     def configure_model(self) -> None:
@@ -177,8 +202,11 @@ class DiffusionModule(L.LightningModule):
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         check_finite(checkpoint["state_dict"], "checkpoint")
+        checkpoint["nonfinite_steps"] = self.nonfinite.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "nonfinite_steps" in checkpoint:  # absent from checkpoints written before it was saved
+            self.nonfinite.load_state_dict(checkpoint["nonfinite_steps"])
         if "state_dict" not in checkpoint:  # fsdp / deepspeed: the strategy has loaded the weights itself
             return
         missing = self.trainable_state_keys() - set(checkpoint["state_dict"])

@@ -13,23 +13,37 @@ import yaml
 
 from finetune.files import atomic_path
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential)", re.IGNORECASE)
 MASK = "***"
+# A key is secret by its words (`WANDB_API_KEY` -> wandb, api, key), never by a word that merely
+# contains one of these: `keep_tokens`, `max_token_length` and `tokenizer` are settings, not secrets.
+_SECRET_WORDS = set("secret secrets password passwd passphrase credential credentials apikey".split())
+_SECRET_PAIRS = {("api", "key"), ("private", "key"), ("access", "key")}
+_SECRET_LAST_WORDS = {"token"}  # hf_token, access_token; but token_file is a path, not a secret
+_WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 # `key=value` inside a string, as in Hydra's override lists and `override_dirname` ("a=1,b=2").
 _ASSIGNMENT = re.compile(r"([\w.+~/-]+)=([^,\s]*)")
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a secret, judged by the words of its last dotted part."""
+    words = [word.lower() for word in _WORD.findall(str(key).rsplit(".", 1)[-1])]
+    if not words:
+        return False
+    pairs = set(zip(words, words[1:], strict=False))
+    return bool(_SECRET_WORDS.intersection(words) or _SECRET_PAIRS & pairs or words[-1] in _SECRET_LAST_WORDS)
 
 
 def mask_text(text: str) -> str:
     """`text` with the value of every `key=value` whose key looks secret replaced by the mask."""
     return _ASSIGNMENT.sub(
-        lambda m: f"{m.group(1)}={MASK}" if SECRET_KEY.search(m.group(1)) else m.group(0), text
+        lambda m: f"{m.group(1)}={MASK}" if is_secret_key(m.group(1)) else m.group(0), text
     )
 
 
 def mask_secrets(value: Any) -> Any:
     """A copy of a plain config (dicts/lists/strings) with every secret-looking value masked."""
     if isinstance(value, dict):
-        return {k: MASK if SECRET_KEY.search(str(k)) and v else mask_secrets(v) for k, v in value.items()}
+        return {k: MASK if is_secret_key(k) and v else mask_secrets(v) for k, v in value.items()}
     if isinstance(value, list):
         return [mask_secrets(v) for v in value]
     if isinstance(value, str):

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from finetune.checks import CHOICES
 from finetune.errors import ConfigError
+from finetune.value_checks import CHOICES
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,14 @@ are saved as diffusers folders so that they load through the same `from_pretrain
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
@@ -22,6 +24,7 @@ from diffusers import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from finetune.clip_vocab import build_tokenizer
+from finetune.files import atomic_dir
 
 TEXT_WIDTH = 32
 # Two VAE blocks downsample by 2 (SD's four blocks downsample by 8): 32 px images -> 16x16 latents.
@@ -31,11 +34,17 @@ VAE_CHANNELS = (32, 64)
 def build_tiny_pipeline(
     seed: int = 0, resolution: int = 32, unet_channels: tuple[int, ...] = (32, 64)
 ) -> StableDiffusionPipeline:
-    """Randomly initialised tiny SD pipeline (deterministic for a given seed).
+    """Randomly initialised tiny SD pipeline (deterministic for a given seed; the global random
+    state is left as it was, so a run that builds it draws what a run that loads it draws).
 
     `unet_channels` sets the U-Net's levels; every level but the lowest has cross-attention, as in SD.
     """
-    torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _tiny_pipeline(resolution, unet_channels)
+
+
+def _tiny_pipeline(resolution: int, unet_channels: tuple[int, ...]) -> StableDiffusionPipeline:
     latent_size = resolution // 2 ** (len(VAE_CHANNELS) - 1)
     attention_levels = len(unet_channels) - 1
     unet = UNet2DConditionModel(
@@ -73,9 +82,15 @@ SDXL_TIME_EMBED_DIM = 8
 
 
 def build_tiny_sdxl_pipeline(seed: int = 0, resolution: int = 32) -> StableDiffusionXLPipeline:
-    """Randomly initialised tiny SDXL pipeline (deterministic for a given seed): two CLIP text encoders
-    whose penultimate layers are concatenated for cross-attention, and SDXL's `text_time` embedding."""
-    torch.manual_seed(seed)
+    """Randomly initialised tiny SDXL pipeline (deterministic for a given seed; the global random state
+    is left as it was): two CLIP text encoders whose penultimate layers are concatenated for
+    cross-attention, and SDXL's `text_time` embedding."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _tiny_sdxl_pipeline(resolution)
+
+
+def _tiny_sdxl_pipeline(resolution: int) -> StableDiffusionXLPipeline:
     unet = UNet2DConditionModel(
         sample_size=resolution // 2 ** (len(VAE_CHANNELS) - 1),
         in_channels=4,
@@ -149,11 +164,22 @@ def _tiny_text_config(tokenizer) -> CLIPTextConfig:
 
 def save_tiny_pipeline(directory: Path, seed: int = 0) -> Path:
     """Build the tiny pipeline and save it as a diffusers folder (safetensors)."""
-    build_tiny_pipeline(seed).save_pretrained(directory, safe_serialization=True)
-    return directory
+    return _save_once(build_tiny_pipeline, directory, seed)
 
 
 def save_tiny_sdxl_pipeline(directory: Path, seed: int = 0) -> Path:
     """Build the tiny SDXL pipeline and save it as a diffusers folder (safetensors)."""
-    build_tiny_sdxl_pipeline(seed).save_pretrained(directory, safe_serialization=True)
+    return _save_once(build_tiny_sdxl_pipeline, directory, seed)
+
+
+def _save_once(build: Callable[[int], DiffusionPipeline], directory: Path, seed: int) -> Path:
+    """Save atomically: the folder appears complete or not at all. Ranks that torchrun starts together
+    may all build it; the first rename wins and the others, having built the same weights, keep it."""
+    directory = Path(directory)
+    try:
+        with atomic_dir(directory) as partial:
+            build(seed).save_pretrained(partial, safe_serialization=True)
+    except OSError:  # FileExistsError, or the rename found another process's folder in place
+        if not (directory / "model_index.json").is_file():
+            raise
     return directory

@@ -80,7 +80,6 @@ def train(cfg: DictConfig) -> RunResult:
     log_config(loggers, cfg)
     if (run_dir / ".hydra").is_dir() and rank_zero_only.rank == 0:
         mask_hydra_files(run_dir / ".hydra")
-    _report_data(datamodule, run_dir, loggers)
     samples = _sample_callback(cfg, run_dir)
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_args["default_root_dir"] = trainer_args["default_root_dir"] or str(run_dir)
@@ -142,28 +141,6 @@ def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str
     return exported
 
 
-def _report_data(datamodule: Any, run_dir: Path, loggers: list) -> None:
-    """Print the data report, write it to the run folder and give its counts to the loggers (rank 0)."""
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    from finetune.data.report import build_report, format_report, write_report
-
-    if rank_zero_only.rank != 0:
-        return
-    if datamodule.cfg.streaming:
-        log.info(
-            "data report: streaming '%s' — rows are checked as they arrive; no counts", datamodule.cfg.name
-        )
-        return
-    report = build_report(datamodule.scan_result, datamodule.sizes, datamodule.tokenizer)
-    log.info("data report:\n%s", format_report(report, max_files=20))
-    write_report(report, run_dir / "data_report.json")
-    counts = {f"data/{key}": report[key] for key in ("images", "skipped", "fixed", "uncaptioned")}
-    counts["data/buckets"] = len(report["buckets"])
-    for logger in loggers:
-        logger.log_hyperparams(counts)
-
-
 def _sample_callback(cfg: DictConfig, run_dir: Path):
     from finetune.samples import SampleGrid
 
@@ -188,7 +165,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 
-    from finetune.callbacks import DataCachePass, StepProgressBar
+    from finetune.callbacks import DataCachePass, DataReport, StepProgressBar
     from finetune.checkpoints import StepCheckpoint
     from finetune.interrupt import StopOnSignal
     from finetune.rng import RandomStates
@@ -196,6 +173,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     checkpoints = run_dir / "checkpoints"
     callbacks = [
         DataCachePass(),
+        DataReport(run_dir / "data_report.json"),  # after the cache pass, which may drop images
         RandomStates(),
         StepCheckpoint(
             dirpath=checkpoints,
@@ -205,7 +183,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
             save_top_k=cfg.checkpoint.keep_last,
             monitor="step",
             mode="max",
-            save_last=True,
+            save_last="link",  # last.ckpt: a link to the newest checkpoint, not a second copy
             # A resumed run writes into the same folder: last.ckpt is replaced, not joined by last-v1.ckpt.
             enable_version_counter=False,
         ),

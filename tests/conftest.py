@@ -122,3 +122,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def bench_models():
+    """`scripts/bench_models.py`: full-size SD architectures with random weights (scripts/ is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_models", REPO / "scripts" / "bench_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -112,8 +112,34 @@ def test_keep_last_removes_old_checkpoints_only_once_a_newer_one_is_complete(tin
     for removed, *present in removals:
         newer = [name for name in present if name.startswith("step_") and name > removed]
         assert len(newer) >= 2, (removed, present)  # the two to keep were complete when it went
-    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    folder = tmp_path / "run" / "checkpoints"
+    names = sorted(p.name for p in folder.iterdir())
     assert names == ["last.ckpt", "step_000003.ckpt", "step_000004.ckpt"]
+    # last.ckpt is the newest checkpoint under a second name, not a second copy of its bytes.
+    assert (folder / "last.ckpt").samefile(folder / "step_000004.ckpt")
+    assert (folder / "step_000004.ckpt").stat().st_nlink == 2
+
+
+def test_last_never_dangles_and_a_dangling_link_is_not_a_resume_candidate(tmp_path):
+    from finetune.checkpoints import StepCheckpoint
+
+    class Trainer:
+        is_global_zero = True
+
+    folder = tmp_path / "checkpoints"
+    io = SafeCheckpointIO()
+    for step in (1, 2):
+        io.save_checkpoint({"global_step": step}, folder / f"step_00000{step}.ckpt")
+        StepCheckpoint._link_checkpoint(
+            Trainer(), str(folder / f"step_00000{step}.ckpt"), str(folder / "last.ckpt")
+        )
+    StepCheckpoint._link_checkpoint(Trainer(), str(folder / "step_000002.ckpt"), str(folder / "last.ckpt"))
+    (folder / "step_000002.ckpt").unlink()  # keep_last removed the file last.ckpt named: it still loads
+    assert torch.load(folder / "last.ckpt", weights_only=True) == {"global_step": 2}
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_000001.ckpt"]
+    (folder / "last.ckpt").unlink()
+    (folder / "last.ckpt").symlink_to("step_000009.ckpt")  # e.g. Lightning's own link, left dangling
+    assert latest_checkpoint(tmp_path) == folder / "step_000001.ckpt"
 
 
 def test_a_missing_resume_file_fails_before_any_model_loads(tmp_path):

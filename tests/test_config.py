@@ -160,3 +160,85 @@ def test_sizes_that_are_not_whole_latents_fail_before_the_model_loads(
     with pytest.raises(ConfigError, match=message):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_negative_rank_is_one_line_naming_the_key_before_the_model_loads(tmp_path: Path) -> None:
+    never_built = tmp_path / "model"
+    result = run_cli(
+        f"model.pretrained={never_built}", "model.build_tiny=true", "method.rank=-3", cwd=tmp_path
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: method.rank: -3 must be greater than 0"
+    assert not never_built.exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.rank=0"], "method.rank: 0 must be greater than 0"),
+        (["method.alpha=-1"], "method.alpha: -1.0 must be greater than 0"),
+        (["method.dropout=1.5"], "method.dropout: 1.5 must be between 0 and 1"),
+        (["method=controlnet", "data.conditioning=canny", "method.lora_rank=0"], "method.lora_rank: 0"),
+        (["method=full", "method.ema_decay=2"], "method.ema_decay: 2.0 must be between 0 and 1"),
+        (["optim.lr=0"], "optim.lr: 0.0 must be greater than 0"),
+        (["optim.lr=-1e-4"], "optim.lr: -0.0001 must be greater than 0"),
+        (["optim.betas=[0.9,1.0]"], "optim.betas: 1.0 must be at least 0 and below 1"),
+        (["data.caption_dropout=-0.1"], "data.caption_dropout: -0.1 must be between 0 and 1"),
+        (["data.conditioning_dropout=1.1"], "data.conditioning_dropout: 1.1 must be between 0 and 1"),
+        (["data.batch_size=0"], "data.batch_size: 0 must be at least 1"),
+        (["data.sources=[{path: x, weight: 0}]"], "data.sources[0].weight: 0.0 must be greater than 0"),
+        (["trainer.max_steps=0"], "trainer.max_steps: 0 must be at least 1"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches: 0 must be at least 1"),
+        (["validation.num_inference_steps=0"], "validation.num_inference_steps: 0 must be at least 1"),
+        (["trainer.precision=17-mixed"], "trainer.precision: '17-mixed' is not one of"),
+        (["trainer.precision=16-true"], "trainer.precision: '16-true' trains the weights themselves"),
+        (
+            ["trainer=ddp", "trainer.strategy=deepspeed_stage_3"],
+            "trainer.strategy: 'deepspeed_stage_3' (ZeRO-3)",
+        ),
+    ],
+)
+def test_values_out_of_range_are_one_line_errors_before_anything_loads(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
+    cfg = compose_config(
+        fast_overrides(tmp_path / "never", tmp_path / "run") + ["model.build_tiny=true", *overrides]
+    )
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_data_module_checks_its_own_values_too() -> None:
+    """`finetune-data` and library users build a data module from a data config alone."""
+    from finetune.data import CaptionedImageDataModule
+
+    cfg = compose_config(["data.caption_dropout=3"]).data
+    with pytest.raises(ConfigError, match="data.caption_dropout: 3.0 must be between 0 and 1"):
+        CaptionedImageDataModule(cfg).scan()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_steps=ten",
+        "trainer.accumulate_grad_batches=two",
+        "trainer.gradient_clip_val=high",
+        "trainer.enable_progress_bar=maybe",
+        "trainer.precision=[16]",
+    ],
+)
+def test_a_wrong_type_for_a_trainer_field_fails_at_compose_time(override: str) -> None:
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config([override])
+    assert override.split("=")[0].removeprefix("trainer.") in str(error.value) + str(error.value.__cause__)
+
+
+def test_trainer_fields_keep_lightning_meanings() -> None:
+    """An int is a count and a float a fraction for Lightning's limit_* fields: neither is converted."""
+    cfg = compose_config(["trainer.limit_train_batches=2", "trainer.limit_val_batches=0.5"])
+    assert cfg.trainer.limit_train_batches == 2 and isinstance(cfg.trainer.limit_train_batches, int)
+    assert cfg.trainer.limit_val_batches == 0.5
+    cfg = compose_config(["trainer.devices=[0,1]", "trainer.precision=16", "trainer.deterministic=warn"])
+    assert list(cfg.trainer.devices) == [0, 1] and cfg.trainer.precision == 16

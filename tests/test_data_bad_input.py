@@ -62,6 +62,49 @@ def test_truncated_file_is_skipped_when_verified(folder, caplog):
     assert "cut.png" in caplog.text  # reported, not dropped silently
 
 
+def _encoded(fmt: str) -> bytes:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("PNG", "cut.png"), ("JPEG", "cut.jpg"), ("WEBP", "cut.webp")])
+def test_a_file_cut_short_is_skipped_at_scan_time_without_verify(folder, fmt, name):
+    data = _encoded(fmt)
+    (folder / name).write_bytes(data[: len(data) * 2 // 3])
+    kind, reason = outcome(folder, name)
+    assert kind == "skipped" and reason.startswith("file is cut short")
+    expected = {"PNG": "(IEND)", "JPEG": "(FF D9)", "WEBP": f"the file has {len(data) * 2 // 3:,}"}[fmt]
+    assert expected in reason
+
+
+@pytest.mark.parametrize(("fmt", "name"), [("PNG", "ok.png"), ("JPEG", "ok.jpg"), ("WEBP", "ok.webp")])
+def test_whole_files_pass_the_end_check_with_padding_or_extra_bytes(folder, fmt, name):
+    (folder / name).write_bytes(_encoded(fmt))
+    assert outcome(folder, name) == ("kept", "")
+    (folder / name).write_bytes(_encoded(fmt) + b"\x00" * 100)  # padding to a block size
+    assert outcome(folder, name) == ("kept", "")
+    # Data after the end that is not padding (a phone's motion-photo video after a JPEG) costs a
+    # decode to tell it from a cut file, and the file is kept.
+    (folder / name).write_bytes(_encoded(fmt) + b"ftypmp42" * 64)
+    assert outcome(folder, name) == ("kept", "")
+
+
+def test_cut_dataset_rows_are_skipped_at_scan_time(tmp_path):
+    import datasets
+
+    whole, cut = _encoded("JPEG"), _encoded("PNG")[:-200]
+    rows = {"image": [{"bytes": whole, "path": None}, {"bytes": cut, "path": None}], "text": ["a", "b"]}
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")})
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "rows"))
+    result = find_records(DataConfig(source="hf", name=str(tmp_path / "rows"), resolution=32))
+    assert [r.key.rsplit("#")[-1] for r in result.records] == ["0"]
+    assert [(s.key.rsplit("#")[-1], s.reason.split(":")[0]) for s in result.skipped] == [
+        ("1", "file is cut short")
+    ]
+
+
 @pytest.mark.parametrize(
     ("mode", "colour", "expected_note", "expected_rgb"),
     [

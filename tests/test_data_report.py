@@ -34,7 +34,7 @@ def test_report_counts_buckets_captions_and_lists_skips(tmp_path, tiny_model, ca
     cfg = data_tool_config(root, tiny_model, "data.buckets=true", "data.bucket_step=8", report_file)
     report = data_report(cfg)
     assert report["images"] == 4 and report["skipped"] == 1 and report["fixed"] == 1
-    assert report["uncaptioned"] == 1  # print.jpg has no caption file
+    assert report["uncaptioned"] == 1 and report["uncaptioned_files"] == ["print.jpg"]  # no caption file
     assert report["buckets"] == {"32x32": 3, "48x16": 1}
     assert report["caption_words"] == {"min": 0, "mean": 4.5, "max": 9}
     assert report["caption_tokens"]["max"] > report["caption_words"]["max"]
@@ -43,6 +43,7 @@ def test_report_counts_buckets_captions_and_lists_skips(tmp_path, tiny_model, ca
     assert report["fixed_files"] == [{"file": "print.jpg", "fix": "CMYK converted to RGB"}]
     printed = capsys.readouterr().out
     assert "broken.png: not a readable image" in printed and "48x16" in printed
+    assert "without a caption (data.missing_caption):\n  print.jpg" in printed
     assert json.loads((tmp_path / "report.json").read_text()) == report
 
 

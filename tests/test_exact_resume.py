@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -28,9 +29,17 @@ def _dataset(root: Path, count: int = 10) -> Path:
 
 
 def _train(
-    tiny_model: Path, run_dir: Path, data: Path, loss_log: Path, extra: list[str], returncode, **env: str
-):
-    """One `finetune-train` process with everything that draws random numbers switched on."""
+    tiny_model: Path,
+    run_dir: Path,
+    data: Path,
+    loss_log: Path,
+    extra: list[str],
+    returncode: int,
+    context: str = "",
+    **env: str,
+) -> subprocess.CompletedProcess:
+    """One `finetune-train` process with everything that draws random numbers switched on; it must exit
+    with `returncode` (else the failure names `context`, e.g. the seed that replays the kill plan)."""
     args = [
         f"model.pretrained={tiny_model}",
         f"hydra.run.dir={run_dir}",
@@ -60,7 +69,16 @@ def _train(
         f"+callbacks.loss.path={loss_log}",
         *extra,
     ]
-    return run_module("finetune.train", args, returncode=returncode, **env)
+    return _check_exit(run_module("finetune.train", args, returncode=None, **env), returncode, context)
+
+
+def _check_exit(
+    done: subprocess.CompletedProcess, returncode: int, context: str
+) -> subprocess.CompletedProcess:
+    assert done.returncode == returncode, (
+        f"exit {done.returncode}, expected {returncode}; {context}\n{done.stderr[-3000:]}"
+    )
+    return done
 
 
 def _read_log(path: Path) -> dict[tuple[str, ...], set[tuple[str, str]]]:
@@ -70,6 +88,11 @@ def _read_log(path: Path) -> dict[tuple[str, ...], set[tuple[str, str]]]:
         step, epoch, batch, loss, lr = line.split()
         seen[(step, epoch, batch)].add((loss, lr))
     return seen
+
+
+def _plan_seed() -> int:
+    """FINETUNE_TEST_SEED when set (to replay a failure), else a fresh seed."""
+    return int(os.environ.get("FINETUNE_TEST_SEED") or random.randrange(10**6))
 
 
 def _kill_plan(rng: random.Random) -> list[tuple[int, str]]:
@@ -88,31 +111,41 @@ def _kill_plan(rng: random.Random) -> list[tuple[int, str]]:
 def _assert_same_run(run_dir: Path, log: Path, whole_dir: Path, whole_log: Path, context: str = "") -> None:
     """The resumed run logged the same (loss, LR) for every batch and ended with the same adapter."""
     whole, resumed = _read_log(whole_log), _read_log(log)
-    assert all(len(values) == 1 for values in whole.values())
+    assert all(len(values) == 1 for values in whole.values()), context
     assert resumed.keys() == whole.keys(), context  # same steps, epochs and batches
     # A batch trained twice (before a kill and after the resume) gave the same loss and LR both times.
     assert resumed == whole, context
     final, reference = load_file(run_dir / ADAPTER), load_file(whole_dir / ADAPTER)
-    assert final.keys() == reference.keys()
+    assert final.keys() == reference.keys(), context
     for name, tensor in reference.items():
         assert torch.equal(final[name], tensor), f"{name} differs; {context}"
 
 
+def test_the_kill_plan_replays_from_its_seed_and_a_failure_names_it(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FINETUNE_TEST_SEED", "1234")
+    assert _plan_seed() == 1234
+    assert _kill_plan(random.Random(_plan_seed())) == _kill_plan(random.Random(1234))
+    crashed = subprocess.CompletedProcess(args=[], returncode=1, stdout="", stderr="Traceback ...")
+    with pytest.raises(AssertionError, match="FINETUNE_TEST_SEED=1234"):
+        _check_exit(crashed, 0, "kill plan [...] (FINETUNE_TEST_SEED=1234 repeats it)")
+
+
 @pytest.mark.slow
 def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_model, tmp_path):
-    seed = int(os.environ.get("FINETUNE_KILL_SEED", random.randrange(10**6)))
+    seed = _plan_seed()
     plan = _kill_plan(random.Random(seed))
-    context = f"kill plan {plan} (FINETUNE_KILL_SEED={seed} repeats it)"
+    context = f"kill plan {plan} (FINETUNE_TEST_SEED={seed} repeats it)"
+    print(context)  # pytest shows it with any failure, whichever assertion it is
     data = _dataset(tmp_path / "data")
 
-    _train(tiny_model, tmp_path / "whole", data, tmp_path / "whole.log", [], returncode=0)
+    _train(tiny_model, tmp_path / "whole", data, tmp_path / "whole.log", [], returncode=0, context=context)
 
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     for step, moment in plan:
         kill = ["resume=auto", "+callbacks.kill._target_=helpers.KillAt"]
         kill += [f"+callbacks.kill.step={step}", f"+callbacks.kill.moment={moment}"]
         expected = 128 + signal.SIGTERM if moment == "sigterm" else -signal.SIGKILL
-        done = _train(tiny_model, run_dir, data, log, kill, returncode=expected)
+        done = _train(tiny_model, run_dir, data, log, kill, returncode=expected, context=context)
         if moment == "sigterm":
             # Sent mid-accumulation: the step is finished, saved, and the run says how to go on.
             assert "stopped by SIGTERM" in done.stderr and "resume=auto" in done.stderr, context
@@ -120,10 +153,10 @@ def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_mo
             assert last["global_step"] > step, context
         if moment == "during-save":
             assert list((run_dir / "checkpoints").glob(".*.tmp")), context  # the half-written file
-    _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0)
+    _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0, context=context)
 
     _assert_same_run(run_dir, log, tmp_path / "whole", tmp_path / "whole.log", context)
-    assert not list((run_dir / "checkpoints").glob(".*.tmp"))
+    assert not list((run_dir / "checkpoints").glob(".*.tmp")), context
 
 
 @pytest.mark.slow

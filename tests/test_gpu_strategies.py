@@ -37,3 +37,19 @@ def test_sharded_strategy_trains_resumes_and_exports_on_a_gpu(
     assert all(torch.isfinite(resumed[name]).all() for name in resumed)
     assert any(first[name].abs().sum() > 0 for name in lora_b)  # trained
     assert any(not first[name].equal(resumed[name]) for name in lora_b)  # and trained on after resume
+
+
+def test_deepspeed_logs_its_grad_norm_and_skips_a_nan_step(tiny_model: Path, tmp_path: Path) -> None:
+    """ZeRO-2 keeps gradients in its partitions: the norm and the skip come from DeepSpeed itself."""
+    pytest.importorskip("deepspeed")
+    from conftest import logged_metric
+
+    run_dir = tmp_path / "run"
+    args = strategy_args(tiny_model, run_dir, "deepspeed", 4, accelerator="gpu", devices=1)
+    poison = ["+callbacks.poison._target_=helpers.PoisonSteps", "+callbacks.poison.batches=[1]"]
+    run_module("finetune.train", args + ["trainer.log_every_n_steps=1", *poison])
+    norms = logged_metric(run_dir, "train/grad_norm")
+    assert norms and all(value > 0 for value in norms.values())  # once always 0: p.grad is None there
+    assert max(logged_metric(run_dir, "train/skipped_steps").values()) == 1.0
+    exported = load_file(run_dir / "adapter" / "pytorch_lora_weights.safetensors")
+    assert all(torch.isfinite(value).all() for value in exported.values())

@@ -15,11 +15,18 @@ from tqdm.auto import tqdm
 from finetune.data.buckets import fit_to
 from finetune.data.cache import CacheStore, DataCache, batched, model_identity, plan_cache
 from finetune.data.captions import CaptionStyle
+from finetune.data.conditioning import ConditioningImages, decode_conditioning
 from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
+
+# data.cache=memory under DDP: every rank needs every entry, as the batch sampler deals records to the
+# ranks afresh each epoch. Entries travel in rounds in which each rank sends at most this many bytes of
+# tensor data, so the exchange holds about world_size times this in flight per rank however large the
+# cache is, instead of every rank's whole share at once.
+EXCHANGE_CHUNK_BYTES = 32 * 2**20
 
 
 @dataclass
@@ -37,35 +44,62 @@ def fill_cache(
     batch_size: int,
     rank: int = 0,
     world_size: int = 1,
+    check_conditioning: bool = False,
 ) -> FillResult:
-    """Encode what is missing: images in batches of one size, then captions; ranks split the work."""
+    """Encode what is missing: images in batches of one size, then captions; ranks split the work.
+
+    Ranks split by image, so each image is decoded once, for both its orientations. With
+    `check_conditioning` (conditioning images read from files or columns) an image's conditioning
+    image is decoded beside it: a broken pair becomes a skip with its reason here, not a substitute
+    at training time.
+    """
     result = FillResult()
-    latents = cache.missing_latents()[rank::world_size]
+    flips: dict[int, list[bool]] = defaultdict(list)
+    for index, flip in cache.missing_latents():
+        flips[index].append(flip)
+    mine = sorted(flips)[rank::world_size]
     texts = cache.missing_texts()[rank::world_size]
-    if not latents and not texts:
+    if not mine and not texts:
         return result
-    by_size: dict[tuple[int, int], list[tuple[int, bool]]] = defaultdict(list)
-    for index, flip in latents:
-        by_size[sizes[index]].append((index, flip))
-    bar = tqdm(total=len(latents) + len(texts), desc="caching", disable=rank != 0, unit="entry")
-    for jobs in by_size.values():
-        for batch in batched(jobs, batch_size):
-            pixels, done = [], []
-            for index, flip in batch:
-                try:
-                    image = records[index].load()
-                except ImageDecodeError as error:
-                    result.failed.append((index, Skipped(records[index].key, str(error))))
-                    continue
-                entry = cache.latents[index]
-                pixels.append(TO_TENSOR(fit_to(image, sizes[index], entry.crop_top_left, flip).image))
-                done.append((index, flip))
-            if pixels:
-                stacked = torch.stack(pixels).to(vae.device, vae.dtype)
-                parameters = vae.encode(stacked).latent_dist.parameters
-                for (index, flip), params in zip(done, parameters, strict=True):
-                    cache.store.put(cache.latents[index].keys[flip], {"latent_dist": params})
-            bar.update(len(batch))
+    bar = tqdm(
+        total=sum(len(flips[i]) for i in mine) + len(texts), desc="caching", disable=rank != 0, unit="entry"
+    )
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for index in mine:
+        by_size[sizes[index]].append(index)
+    for indices in by_size.values():
+        pending: list[tuple[int, bool, torch.Tensor]] = []  # (index, flip, pixels), all of one size
+        for index in indices:
+            try:
+                image = records[index].load()
+                if check_conditioning and records[index].conditioning is not None:
+                    decode_conditioning(records[index])
+            except ImageDecodeError as error:
+                result.failed.append((index, Skipped(records[index].key, str(error))))
+                bar.update(len(flips[index]))
+                continue
+            for flip in flips[index]:
+                fitted = fit_to(image, sizes[index], cache.latents[index].crop_top_left, flip)
+                pending.append((index, flip, TO_TENSOR(fitted.image)))
+                if len(pending) == batch_size:
+                    _encode_latents(cache, vae, pending, bar)
+                    pending = []
+        if pending:
+            _encode_latents(cache, vae, pending, bar)
+    _encode_texts(cache, prompts, texts, batch_size, bar)
+    bar.close()
+    return result
+
+
+def _encode_latents(cache: DataCache, vae: Any, jobs: list[tuple[int, bool, torch.Tensor]], bar: Any) -> None:
+    stacked = torch.stack([pixels for _, _, pixels in jobs]).to(vae.device, vae.dtype)
+    parameters = vae.encode(stacked).latent_dist.parameters
+    for (index, flip, _), params in zip(jobs, parameters, strict=True):
+        cache.store.put(cache.latents[index].keys[flip], {"latent_dist": params})
+    bar.update(len(jobs))
+
+
+def _encode_texts(cache: DataCache, prompts: Any, texts: list[str], batch_size: int, bar: Any) -> None:
     device = prompts.text_encoder.device
     for batch in batched(texts, batch_size):
         ids = {name: value.to(device) for name, value in prompts.tokenize(batch).items()}
@@ -76,8 +110,6 @@ def fill_cache(
                 entry["pooled_text_embeds"] = features.pooled[i]
             cache.store.put(cache.text_keys[text], entry)  # type: ignore[index]
         bar.update(len(batch))
-    bar.close()
-    return result
 
 
 def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None) -> DataCache:
@@ -110,6 +142,7 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
         cache.notes.append(f"data.cache: text features are not cached because {why}")
     rank, world = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
     to_do = len(cache.missing_latents()) + len(cache.missing_texts())
+    conditioning = ConditioningImages.from_config(cfg)
     result = fill_cache(
         cache,
         datamodule.records,
@@ -119,13 +152,13 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
         cfg.batch_size,
         rank,
         world,
+        check_conditioning=conditioning is not None and not conditioning.computed,
     )
     failed = result.failed
     if world > 1:
-        failed = [item for part in _gather(failed) for item in part]
+        failed = [item for part in _gather(failed) for item in part]  # small: a key and reason each
         if store.directory is None:  # memory: every rank needs every entry
-            for entries in _gather(store.entries):
-                store.entries.update(entries)
+            exchange_entries(store.entries)
         strategy.barrier()  # disk: every rank's files are written before anyone reads
     cache.computed = to_do
     cache.reused = sum(len(entry.keys) for entry in cache.latents) + len(cache.text_keys or {}) - to_do
@@ -136,7 +169,7 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
         "data.cache=%s: %d entries computed, %d reused%s", cfg.cache, cache.computed, cache.reused, where
     )
     if failed:
-        dropped = dict(failed)  # one entry per image, though both its orientations failed
+        dropped = dict(failed)  # (index, why): one per image, as one rank decodes each image
         for skipped in dropped.values():
             log.warning("skipped %s while caching: %s", skipped.key, skipped.reason)
         datamodule.drop(set(dropped), list(dropped.values()))
@@ -151,3 +184,32 @@ def _gather(value: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+def exchange_entries(
+    entries: dict[str, dict[str, torch.Tensor]], chunk_bytes: int = EXCHANGE_CHUNK_BYTES
+) -> None:
+    """Add every other rank's `entries` to this rank's (in place), in rounds: each rank sends whole
+    entries of at most `chunk_bytes` of tensors per round (an entry, one latent or one caption's
+    features, is far smaller). Every rank calls it; they agree on the number of rounds first."""
+    rounds = _rounds(entries, chunk_bytes)
+    for number in range(max(_gather(len(rounds)))):
+        sent = {key: entries[key] for key in rounds[number]} if number < len(rounds) else {}
+        for received in _gather(sent):
+            for key, tensors in received.items():
+                entries.setdefault(key, tensors)  # two ranks may hold one key (identical images)
+
+
+def _rounds(entries: dict[str, dict[str, torch.Tensor]], chunk_bytes: int) -> list[list[str]]:
+    """This rank's keys, in order, grouped into rounds of at most `chunk_bytes` of tensor data (an
+    entry larger than that travels alone)."""
+    rounds: list[list[str]] = []
+    room = 0
+    for key, tensors in entries.items():
+        size = sum(tensor.nbytes for tensor in tensors.values())
+        if not rounds or size > room:
+            rounds.append([])
+            room = chunk_bytes
+        rounds[-1].append(key)
+        room -= size
+    return rounds

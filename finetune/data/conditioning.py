@@ -16,6 +16,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from finetune.data.buckets import Fitted, fit_to
+from finetune.data.images import ImageDecodeError
 from finetune.errors import ConfigError, DataError
 
 Preprocessor = Callable[[Image.Image, Any], Image.Image]
@@ -65,17 +66,51 @@ class ConditioningImages:
             preprocessor(cfg.conditioning)  # fails now, with the choices, if unknown
         return cls(cfg.conditioning, cfg.canny_low, cfg.canny_high, cfg.conditioning_dropout)
 
+    @property
+    def computed(self) -> bool:
+        """Made from the target image by a preprocessor (True), or read from its own file (False)."""
+        return bool(self.preprocessor)
+
     def make(self, record: Any, fitted: Fitted, generator: torch.Generator | None = None) -> torch.Tensor:
         """The conditioning tensor for `record`, placed exactly like its `fitted` target image."""
-        width, height = fitted.image.size
-        if self.dropout > 0 and float(torch.rand((), generator=generator)) < self.dropout:
-            return torch.zeros(3, height, width)
-        if self.preprocessor:
-            return _TO_UNIT_TENSOR(preprocessor(self.preprocessor)(fitted.image, self))
-        if record.conditioning is None:
-            raise DataError(f"{record.key} has no conditioning image")
-        condition = record.conditioning()
-        original_height, original_width = fitted.original_size
+        if not self.computed:
+            placed = fitted.original_size, fitted.crop_top_left, fitted.flipped
+            return self.read(record, fitted.image.size, *placed, generator)
+        if self._dropped(generator):
+            return torch.zeros(3, fitted.image.height, fitted.image.width)
+        return _TO_UNIT_TENSOR(preprocessor(str(self.preprocessor))(fitted.image, self))
+
+    def read(
+        self,
+        record: Any,
+        size: tuple[int, int],
+        original_size: tuple[int, int],
+        crop_top_left: tuple[int, int],
+        flip: bool,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """`record`'s own conditioning image at target `size` (width, height), scaled to its target's
+        `original_size` (height, width), then given the target's crop and flip.
+
+        Needs only where the target was placed, not its pixels: cached latents need no image decoded.
+        """
+        if self._dropped(generator):
+            return torch.zeros(3, size[1], size[0])
+        condition = decode_conditioning(record)
+        original_height, original_width = original_size
         if condition.size != (original_width, original_height):
             condition = condition.resize((original_width, original_height), Image.BICUBIC)
-        return _TO_UNIT_TENSOR(fit_to(condition, (width, height), fitted.crop_top_left, fitted.flipped).image)
+        return _TO_UNIT_TENSOR(fit_to(condition, size, crop_top_left, flip).image)
+
+    def _dropped(self, generator: torch.Generator | None) -> bool:
+        return self.dropout > 0 and float(torch.rand((), generator=generator)) < self.dropout
+
+
+def decode_conditioning(record: Any) -> Image.Image:
+    """`record`'s conditioning image, decoded; a failure says it was the conditioning image that failed."""
+    if record.conditioning is None:
+        raise DataError(f"{record.key} has no conditioning image")
+    try:
+        return record.conditioning()
+    except ImageDecodeError as error:
+        raise ImageDecodeError(f"conditioning image: {error}") from error

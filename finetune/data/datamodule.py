@@ -27,10 +27,9 @@ from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader
 from finetune.data.sources import find_records
 from finetune.errors import ConfigError, DataError
+from finetune.value_checks import check_values
 
 log = logging.getLogger(__name__)
-
-CROPS = ("center", "random")
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
@@ -202,17 +201,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
 
     def _check_config(self) -> None:
         cfg = self.cfg
-        if cfg.crop not in CROPS:
-            raise ConfigError(f"data.crop: '{cfg.crop}' is not one of {', '.join(CROPS)}")
-        if not 0.0 <= cfg.caption_dropout <= 1.0:
-            raise ConfigError(f"data.caption_dropout: {cfg.caption_dropout} is not between 0 and 1")
-        for key in ("resolution", "batch_size", "bucket_step", "max_pixels"):
-            if getattr(cfg, key) < 1:
-                raise ConfigError(f"data.{key}: {getattr(cfg, key)} must be at least 1")
-        if cfg.num_workers is not None and cfg.num_workers < 0:
-            raise ConfigError(f"data.num_workers: {cfg.num_workers} must be 0 or more")
-        if cfg.keep_tokens < 0:
-            raise ConfigError(f"data.keep_tokens: {cfg.keep_tokens} must be 0 or more")
+        check_values(cfg, section="data")  # choices and ranges, also when no whole config is around
         if cfg.buckets:
             buckets_for(cfg)  # raises if the bucket settings leave no bucket
         if cfg.holdout and cfg.streaming:

@@ -8,7 +8,7 @@ cached latents / text features instead.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,9 +38,9 @@ class CaptionedImageDataset(Dataset):
     """Decodes, fits (resize, crop, flip) and tokenizes records on access.
 
     Indexed by `SampleKey` (record index, sample seed) from the batch sampler: the seed drives this
-    sample's crop, flip and caption changes, so they do not depend on which worker serves it. An
-    image that fails to decode is logged and replaced by the next one of the same size, so one bad
-    file cannot end a long run.
+    sample's crop, flip and caption changes, so they do not depend on which worker serves it. A
+    record whose image or conditioning image fails to decode is logged and replaced, as a whole
+    sample, by the next record of the same size, so one bad file cannot end a long run.
     """
 
     def __init__(
@@ -68,12 +68,38 @@ class CaptionedImageDataset(Dataset):
 
     def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
         index, seed = key if isinstance(key, tuple) else (key, key)
-        generator = torch.Generator().manual_seed(seed)
+        failures = 0
+        for current in self._candidates(index):
+            try:
+                # A fresh generator per try: a substitute is exactly the sample it would be on its own,
+                # every part of it (latent, crop, flip, caption, conditioning) from the same record.
+                return self._sample(current, torch.Generator().manual_seed(seed))
+            except ImageDecodeError as error:
+                self._bad.add(current)
+                log.warning(
+                    "skipped %s at training time, using the next image of its size instead: %s",
+                    self.records[current].key,
+                    error,
+                )
+                if (failures := failures + 1) >= MAX_CONSECUTIVE_BAD:
+                    break
+        width, height = self.sizes[index]
+        raise DataError(f"no decodable image of size {width} x {height} left (see warnings) — check the data")
+
+    def _candidates(self, index: int) -> Iterator[int]:
+        """`index`, then the records after it (wrapping round) of its size that have not failed."""
+        for attempt in range(len(self)):
+            current = (index + attempt) % len(self)
+            if current not in self._bad and self.sizes[current] == self.sizes[index]:
+                yield current
+
+    def _sample(self, index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Record `index`'s whole sample; raises ImageDecodeError when its image or conditioning fails."""
         if self.cache is not None:
             return self._cached(index, generator)
-        record, image, index = self._load(index)
+        record, size = self.records[index], self.sizes[index]
+        image = record.load()
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
-        size = self.sizes[index]
         top_left = choose_crop(image.width, image.height, size, self.random_crop, generator)
         fitted = fit_to(image, size, top_left, flip)
         item = {
@@ -84,12 +110,7 @@ class CaptionedImageDataset(Dataset):
             "index": torch.tensor(index),
         }
         if self.conditioning is not None:
-            try:
-                item["conditioning_pixel_values"] = self.conditioning.make(record, fitted, generator)
-            except ImageDecodeError as error:  # the pair is unusable: serve the next one instead
-                self._bad.add(index)
-                log.warning("skipped %s at training time: its conditioning image: %s", record.key, error)
-                return self[(index, seed)]
+            item["conditioning_pixel_values"] = self.conditioning.make(record, fitted, generator)
         return item
 
     def _cached(self, index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -98,6 +119,8 @@ class CaptionedImageDataset(Dataset):
         entry = self.cache.latents[index]
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         caption = self.captions.apply(self.records[index].caption or "", generator)
+        # The conditioning image first: it may fail to decode, and then nothing need be read from the cache.
+        control = self._cached_conditioning(index, flip, generator) if self.conditioning is not None else None
         item = {
             "latent_dist": self.cache.latent(index, flip),
             "original_size": torch.tensor(entry.original_size),
@@ -108,31 +131,19 @@ class CaptionedImageDataset(Dataset):
             item.update(self.cache.text(caption))  # text_embeds (and SDXL's pooled_text_embeds)
         else:
             item.update(self.tokenize(caption))
-        if self.conditioning is not None:  # placed like the cached latents: same crop and flip
-            record, image, _ = self._load(index)
-            fitted = fit_to(image, self.sizes[index], entry.crop_top_left, flip)
-            item["conditioning_pixel_values"] = self.conditioning.make(record, fitted, generator)
+        if control is not None:
+            item["conditioning_pixel_values"] = control
         return item
 
-    def _load(self, index: int) -> tuple[ImageRecord, Any, int]:
-        size, failures = self.sizes[index], 0
-        for attempt in range(len(self)):
-            current = (index + attempt) % len(self)
-            if current in self._bad or self.sizes[current] != size:
-                continue
-            record = self.records[current]
-            try:
-                return record, record.load(), current
-            except ImageDecodeError as error:
-                self._bad.add(current)
-                log.warning(
-                    "skipped %s at training time, using the next image instead: %s", record.key, error
-                )
-                if (failures := failures + 1) >= MAX_CONSECUTIVE_BAD:
-                    break
-        raise DataError(
-            f"no decodable image of size {size[0]} x {size[1]} left (see warnings) — check the data"
-        )
+    def _cached_conditioning(self, index: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+        """Record `index`'s conditioning image placed like its cached latents: same crop and flip."""
+        assert self.cache is not None and self.conditioning is not None
+        record, size, entry = self.records[index], self.sizes[index], self.cache.latents[index]
+        if self.conditioning.computed:  # made from the target image: decode it
+            fitted = fit_to(record.load(), size, entry.crop_top_left, flip)
+            return self.conditioning.make(record, fitted, generator)
+        # Read from its own file: the target's pixels are in the cache and its placement is known.
+        return self.conditioning.read(record, size, entry.original_size, entry.crop_top_left, flip, generator)
 
     def tokenize(self, caption: str) -> dict[str, torch.Tensor]:
         return tokenize_one(self.tokenizer, self.tokenizer_2, caption)

@@ -1,27 +1,106 @@
-"""Safe image decoding: one upright RGB `PIL.Image` out of whatever file or dataset value we are given."""
+"""Safe image decoding: one upright RGB `PIL.Image` out of whatever file or dataset value we are given.
+
+One pixel limit, `data.max_pixels`, guards every open: the loaders carry it (so DataLoader workers,
+spawned or forked, honour it too) and PIL's own decompression-bomb limit is set to it while we open.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from finetune.config import DataConfig
 from finetune.errors import DataError
 
 # Extensions looked for when scanning a folder (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_MAX_PIXELS: int = DataConfig.max_pixels  # data.max_pixels' default
 
 # What PIL raises for unreadable, truncated or hostile files (UnidentifiedImageError is an OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# (first bytes, last bytes, size) of an encoded image: enough to see its format and whether it ends.
+Ends = tuple[bytes, bytes, int]
+_HEAD_BYTES = 16
 
 
 class ImageDecodeError(DataError):
     """One image could not be decoded; the dataset turns this into a skip, not a crash."""
+
+
+class _PilLimit:
+    """PIL's decompression-bomb limit set to ours while any of our opens runs, then put back.
+
+    PIL reads one module global (`Image.MAX_IMAGE_PIXELS`) in `Image.open` and in plugins that
+    allocate while opening (WebP), so no per-call limit exists; screening opens from several threads
+    at once, so the global holds the largest limit in use until the last open ends (other code that
+    opens images meanwhile sees it too). PIL then refuses only above twice that, before allocating;
+    our own exact check, with each caller's limit, follows every open (`_opened`).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._active: Counter[int] = Counter()
+        self._saved: int | None = None
+
+    @contextmanager
+    def __call__(self, max_pixels: int) -> Iterator[None]:
+        with self._lock:
+            if not self._active:
+                self._saved = Image.MAX_IMAGE_PIXELS
+            self._active[max_pixels] += 1
+            Image.MAX_IMAGE_PIXELS = max(self._active)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active[max_pixels] -= 1
+                if not self._active[max_pixels]:
+                    del self._active[max_pixels]
+                Image.MAX_IMAGE_PIXELS = max(self._active) if self._active else self._saved
+
+
+_pil_limit = _PilLimit()
+
+
+def over_pixel_limit(width: int, height: int, max_pixels: int) -> str | None:
+    """Why an image of this size is refused (data.max_pixels), or None."""
+    if width * height <= max_pixels:
+        return None
+    return _refused(f"{width} x {height} = {width * height:,} pixels", max_pixels)
+
+
+def _refused(size: str, max_pixels: int) -> str:
+    return (
+        f"{size} is over data.max_pixels={max_pixels:,} "
+        "(refused as a possible decompression bomb; raise data.max_pixels if you trust it)"
+    )
+
+
+def _opened(source: Path | IO[bytes], max_pixels: int) -> Image.Image:
+    """`Image.open` under our limit: other PIL errors propagate, the limit's is an ImageDecodeError."""
+    try:
+        with _pil_limit(max_pixels):
+            image = Image.open(source)
+    except Image.DecompressionBombError as error:  # over twice the limit: PIL refused before reading
+        pixels = re.search(r"\((\d+) pixels\)", str(error))  # PIL names the size, not the sides
+        size = f"{int(pixels[1]):,} pixels" if pixels else "the image"
+        raise ImageDecodeError(_refused(size, max_pixels)) from error
+    if problem := over_pixel_limit(*image.size, max_pixels):
+        image.close()
+        raise ImageDecodeError(problem)
+    return image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -43,20 +122,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Decode the image file at `path` fully (so truncation shows here) and return it upright in RGB."""
+def _decode(source: Path | IO[bytes], where: str, max_pixels: int) -> Image.Image:
     try:
-        with Image.open(path) as image:
-            image.load()
+        with _opened(source, max_pixels) as image:
+            image.load()  # the whole file, so truncation shows here
             return to_rgb(image)
+    except ImageDecodeError as error:
+        raise ImageDecodeError(f"cannot decode image {where}: {error}") from None
     except _DECODE_ERRORS as error:
-        raise ImageDecodeError(f"cannot decode image '{path}': {_one_line(error)}") from error
+        raise ImageDecodeError(f"cannot decode image {where}: {_one_line(error)}") from error
 
 
-def open_header(path: str | Path) -> Image.Image:
-    """Open the image file lazily: size, mode and EXIF are read, pixels are not (cheap, for screening)."""
+def open_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode the image file at `path` fully and return it upright in RGB."""
+    return _decode(Path(path), f"'{path}'", max_pixels)
+
+
+def open_header(source: Path | IO[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open the image lazily: size, mode and EXIF are read, pixels are not (cheap, for screening)."""
     try:
-        return Image.open(path)
+        return _opened(source, max_pixels)
     except _DECODE_ERRORS as error:
         raise ImageDecodeError(f"not a readable image: {_one_line(error)}") from error
 
@@ -70,35 +155,60 @@ def file_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def decode_value(value: Any, where: str) -> Image.Image:
-    """Turn a dataset cell (PIL image, encoded bytes or {"bytes", "path"} dict) into an RGB image."""
+def file_ends(path: str | Path, tail: int) -> Ends:
+    """The first bytes, the last `tail` bytes and the size of a file: two short reads."""
     try:
-        if isinstance(value, Image.Image):
-            return to_rgb(value)
-        if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
-            return open_image(value["path"])
-        if isinstance(value, dict):
-            value = value.get("bytes")
-        if isinstance(value, (bytes, bytearray)):
-            with Image.open(io.BytesIO(value)) as image:
-                image.load()
-                return to_rgb(image)
-    except _DECODE_ERRORS as error:
-        raise ImageDecodeError(f"cannot decode image {where}: {_one_line(error)}") from error
-    raise ImageDecodeError(f"cannot decode image {where}: holds {type(value).__name__}, not an image")
+        with open(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - tail))
+            return head, handle.read(), size
+    except OSError as error:
+        raise ImageDecodeError(f"not a readable file: {_one_line(error)}") from error
 
 
-def value_header(value: Any) -> Image.Image:
-    """`open_header` for a dataset cell."""
-    if isinstance(value, Image.Image):
-        return value
+def _encoded(value: Any) -> Path | bytes | bytearray | Image.Image:
+    """A dataset cell as the image file it names, its encoded bytes, or the image `datasets` decoded."""
     if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
-        return open_header(value["path"])
+        return Path(value["path"])
     if isinstance(value, dict):
         value = value.get("bytes")
-    if isinstance(value, (bytes, bytearray)):
-        return open_header(io.BytesIO(value))
+    if isinstance(value, (bytes, bytearray, Image.Image)):
+        return value
     raise ImageDecodeError(f"holds {type(value).__name__}, not an image")
+
+
+def decode_value(value: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Turn a dataset cell (PIL image, encoded bytes or {"bytes", "path"} dict) into an RGB image."""
+    try:
+        value = _encoded(value)
+    except ImageDecodeError as error:
+        raise ImageDecodeError(f"cannot decode image {where}: {error}") from None
+    if isinstance(value, Image.Image):  # decoded by `datasets` already: still held to our limit
+        if problem := over_pixel_limit(*value.size, max_pixels):
+            raise ImageDecodeError(f"cannot decode image {where}: {problem}")
+        return to_rgb(value)
+    return _decode(value if isinstance(value, Path) else io.BytesIO(value), where, max_pixels)
+
+
+def value_header(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """`open_header` for a dataset cell."""
+    value = _encoded(value)
+    if isinstance(value, Image.Image):
+        if problem := over_pixel_limit(*value.size, max_pixels):
+            raise ImageDecodeError(problem)
+        return value
+    return open_header(value if isinstance(value, Path) else io.BytesIO(value), max_pixels)
+
+
+def value_ends(value: Any, tail: int) -> Ends | None:
+    """`file_ends` for a dataset cell; None for an image `datasets` decoded already."""
+    value = _encoded(value)
+    if isinstance(value, Path):
+        return file_ends(value, tail)
+    if isinstance(value, Image.Image):
+        return None
+    return bytes(value[:_HEAD_BYTES]), bytes(value[-tail:]), len(value)
 
 
 def value_fingerprint(value: Any) -> str:
@@ -114,15 +224,19 @@ def value_fingerprint(value: Any) -> str:
 
 @dataclass(frozen=True)
 class FileImage:
-    """A picklable loader for an image file (workers receive records by pickling)."""
+    """A picklable loader for an image file (workers receive records by pickling, limit included)."""
 
     path: Path
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __call__(self) -> Image.Image:
-        return open_image(self.path)
+        return open_image(self.path, self.max_pixels)
 
     def header(self) -> Image.Image:
-        return open_header(self.path)
+        return open_header(Path(self.path), self.max_pixels)
+
+    def ends(self, tail: int) -> Ends | None:
+        return file_ends(self.path, tail)
 
     def fingerprint(self) -> str:
         return file_fingerprint(self.path)
@@ -136,6 +250,7 @@ class DatasetImage:
     column: str
     index: int
     key: str
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def _value(self) -> Any:
         try:
@@ -144,10 +259,13 @@ class DatasetImage:
             raise ImageDecodeError(f"cannot decode image {self.key}: {_one_line(error)}") from error
 
     def __call__(self) -> Image.Image:
-        return decode_value(self._value(), self.key)
+        return decode_value(self._value(), self.key, self.max_pixels)
 
     def header(self) -> Image.Image:
-        return value_header(self._value())
+        return value_header(self._value(), self.max_pixels)
+
+    def ends(self, tail: int) -> Ends | None:
+        return value_ends(self._value(), tail)
 
     def fingerprint(self) -> str:
         return value_fingerprint(self._value())

@@ -16,13 +16,21 @@ MAX_LOGGED = 20
 
 
 class ImageSource(Protocol):
-    """Where one image comes from: a file or a dataset row. Must pickle (workers receive records)."""
+    """Where one image comes from: a file or a dataset row. Must pickle (workers receive records).
+
+    Implementations are frozen dataclasses; `max_pixels` (data.max_pixels) travels with them.
+    """
+
+    max_pixels: int  # images with more pixels are refused, by `header()` and by decoding
 
     def __call__(self) -> Image.Image:
         """The decoded image, upright RGB; raises ImageDecodeError."""
 
     def header(self) -> Image.Image:
         """The image opened lazily (size and mode only, no pixels decoded); raises ImageDecodeError."""
+
+    def ends(self, tail: int) -> tuple[bytes, bytes, int] | None:
+        """(first bytes, last `tail` bytes, size) of the encoded image, None if it is not encoded."""
 
     def fingerprint(self) -> str:
         """A hash of the image's bytes: changes whenever its content does."""
@@ -44,6 +52,15 @@ class ImageRecord:
     def with_(self, **changes: Any) -> ImageRecord:
         return replace(self, **changes)
 
+    def with_max_pixels(self, max_pixels: int) -> ImageRecord:
+        """This record with its image and conditioning image held to `max_pixels` wherever decoded."""
+        condition = self.conditioning
+        return replace(
+            self,
+            load=replace(self.load, max_pixels=max_pixels),
+            conditioning=replace(condition, max_pixels=max_pixels) if condition else None,
+        )
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -64,8 +81,12 @@ class ScanResult:
     records: Sequence[ImageRecord]
     skipped: list[Skipped] = field(default_factory=list)
     fixed: list[Fixed] = field(default_factory=list)
-    uncaptioned: int = 0  # records that had no caption of their own
+    uncaptioned_keys: list[str] = field(default_factory=list)  # records without a caption of their own
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def uncaptioned(self) -> int:
+        return len(self.uncaptioned_keys)
 
     def log(self, where: str) -> None:
         """Report skips, fixes and notes as log lines, so nothing is dropped silently."""
@@ -89,5 +110,5 @@ class ScanResult:
         self.records.extend(other.records)
         self.skipped += other.skipped
         self.fixed += other.fixed
-        self.uncaptioned += other.uncaptioned
+        self.uncaptioned_keys += other.uncaptioned_keys
         self.notes += other.notes

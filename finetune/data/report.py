@@ -41,6 +41,8 @@ def build_report(
     report["notes"] = list(result.notes)
     report["skipped_files"] = [{"file": s.key, "reason": s.reason} for s in result.skipped]
     report["fixed_files"] = [{"file": f.key, "fix": f.what} for f in result.fixed]
+    # How they were captioned (or skipped) instead is in the notes (or skipped_files): data.missing_caption.
+    report["uncaptioned_files"] = list(result.uncaptioned_keys)
     return report
 
 
@@ -70,15 +72,16 @@ def format_report(report: dict[str, Any], max_files: int | None = None) -> str:
     for size, count in histogram.items():
         lines.append(f"  {size:>11}  {count:>6}  {'#' * max(1, round(30 * count / widest))}")
     lines += [f"note: {note}" for note in report["notes"]]
-    for title, entries, field in (
-        ("skipped", report["skipped_files"], "reason"),
-        ("fixed", report["fixed_files"], "fix"),
+    for title, entries in (
+        ("skipped", [f"{entry['file']}: {entry['reason']}" for entry in report["skipped_files"]]),
+        ("fixed", [f"{entry['file']}: {entry['fix']}" for entry in report["fixed_files"]]),
+        ("without a caption (data.missing_caption)", report["uncaptioned_files"]),
     ):
         if not entries:
             continue
         lines.append(f"{title}:")
         shown = entries if max_files is None else entries[:max_files]
-        lines += [f"  {entry['file']}: {entry[field]}" for entry in shown]
+        lines += [f"  {entry}" for entry in shown]
         if len(shown) < len(entries):
             lines.append(f"  ... and {len(entries) - len(shown)} more (all in data_report.json)")
     return "\n".join(lines)

@@ -1,8 +1,12 @@
 """Screen records before training: read each image's header, skip what cannot be used, note what is fixed.
 
-Reading a header costs a file open and a few hundred bytes, so every image is screened at start-up;
-`data.verify=true` also decodes every image, so a file truncated after its header is caught here too
-rather than being replaced by the next image at training time.
+Reading a header costs a file open and a few hundred bytes, so every image is screened at start-up.
+Its last bytes are read too: a PNG ends with its IEND chunk, a JPEG with its end marker (FF D9), a
+WebP is as long as its RIFF header says. Zero and 0xFF padding after the end is allowed; a file
+whose end is still missing is decoded once, and skipped if that fails, so a file cut short is named
+in the report rather than replaced by the next image at training time, while a file with extra bytes
+after its end (phones append motion-photo videos to JPEGs) still trains. `data.verify=true` decodes
+every image (catching damage in the middle of a file too).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from PIL import Image, ImageOps
 
 from finetune.data.buckets import target_size
 from finetune.data.images import ImageDecodeError
-from finetune.data.records import Fixed, ImageRecord, ScanResult, Skipped
+from finetune.data.records import Fixed, ImageRecord, ImageSource, ScanResult, Skipped
 
 # EXIF orientations 5-8 turn the image a quarter: width and height swap once it is upright.
 _QUARTER_TURNS = {5, 6, 7, 8}
@@ -36,12 +40,16 @@ _MODE_FIXES = {
     "I;16L": "16-bit image scaled to 8-bit",
 }
 _THREADS = 8  # header reads wait on the disk, not the CPU
+_TAIL_BYTES = 4096  # read from the end of each file: one disk block, room for padding after the end
+_PADDING = b"\x00\xff"  # bytes some writers add after an image's end (block padding, JPEG fill bytes)
+_PNG = (b"\x89PNG\r\n\x1a\n", b"\x00\x00\x00\x00IEND\xaeB`\x82")  # signature; the IEND chunk
+_JPEG = (b"\xff\xd8\xff", b"\xff\xd9")  # start of image; end of image
 
 
 def screen_records(result: ScanResult, cfg: Any) -> ScanResult:
     """A new ScanResult holding only usable records, each with its upright (width, height)."""
     screened = ScanResult(records=[], skipped=list(result.skipped), fixed=list(result.fixed))
-    screened.uncaptioned, screened.notes = result.uncaptioned, list(result.notes)
+    screened.uncaptioned_keys, screened.notes = list(result.uncaptioned_keys), list(result.notes)
     verify = bool(getattr(cfg, "verify", False))
     with ThreadPoolExecutor(_THREADS) as pool:
         outcomes = pool.map(lambda record: _screen(record, cfg, verify), result.records)
@@ -57,7 +65,9 @@ def screen_records(result: ScanResult, cfg: Any) -> ScanResult:
 
 def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tuple[int, int], list[str]]:
     """(upright size, what will be fixed) for a usable image, or why it is skipped."""
-    try:
+    if why := cut_short(record.load):  # first: a cut WebP already fails to open, less clearly
+        return Skipped(record.key, why)
+    try:  # the loader refuses images over data.max_pixels here, as it does when decoding
         with record.load.header() as image:
             width, height = image.size
             mode, transparent = image.mode, "transparency" in image.info
@@ -66,12 +76,6 @@ def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tupl
         return Skipped(record.key, str(error))
     if width < 1 or height < 1:
         return Skipped(record.key, f"image is {width} x {height} pixels")
-    if width * height > cfg.max_pixels:
-        return Skipped(
-            record.key,
-            f"{width} x {height} = {width * height:,} pixels is over data.max_pixels={cfg.max_pixels:,} "
-            "(refused as a possible decompression bomb; raise data.max_pixels if you trust it)",
-        )
     if orientation in _QUARTER_TURNS:
         width, height = height, width
     fixes = []
@@ -105,6 +109,8 @@ def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tupl
 def _misaligned(record: ImageRecord, width: int, height: int) -> str | None:
     """Why a record's conditioning image cannot be paired with it (unreadable, other shape), or None."""
     assert record.conditioning is not None
+    if why := cut_short(record.conditioning):
+        return f"conditioning image: {why}"
     try:
         with record.conditioning.header() as image:
             cond_w, cond_h = image.size
@@ -122,3 +128,32 @@ def _orientation(image: Image.Image) -> int | None:
         return image.getexif().get(ImageOps.ExifTags.Base.Orientation)
     except Exception:  # a broken EXIF block is not a broken image: exif_transpose ignores it too
         return None
+
+
+def cut_short(source: ImageSource) -> str | None:
+    """Why an encoded image was cut short (its end is missing and it does not decode), or None."""
+    try:
+        ends = source.ends(_TAIL_BYTES)
+    except ImageDecodeError:
+        return None  # unreadable: the header read says so
+    missing = missing_end(*ends) if ends else None
+    if missing is None:
+        return None
+    try:
+        source()  # extra bytes after the real end still decode; a cut file does not
+    except ImageDecodeError as error:
+        return f"file is cut short: {missing} ({error})"
+    return None
+
+
+def missing_end(head: bytes, tail: bytes, size: int) -> str | None:
+    """What end a PNG, JPEG or WebP lacks, judged by its first and last bytes; None: complete, or other."""
+    if head.startswith(_PNG[0]) and not tail.rstrip(_PADDING).endswith(_PNG[1]):
+        return "no PNG end chunk (IEND)"
+    if head.startswith(_JPEG[0]) and not tail.rstrip(_PADDING).endswith(_JPEG[1]):
+        return "no JPEG end marker (FF D9)"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        declared = int.from_bytes(head[4:8], "little") + 8  # the RIFF size counts what follows it
+        if size < declared:
+            return f"its RIFF header gives {declared:,} bytes, the file has {size:,}"
+    return None

@@ -39,8 +39,9 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
         if weight <= 0:
             key = f"data.sources[{number}].weight" if sources else "data.weight"
             raise DataError(f"{key}: {weight} must be above 0")
+        # Every loader carries data.max_pixels, so each decode (screening, workers, cache) applies it.
         found.records = [
-            r.with_(key=prefix + r.key, repeats=r.repeats * weight) if prefix or weight != 1.0 else r
+            r.with_(key=prefix + r.key, repeats=r.repeats * weight).with_max_pixels(cfg.max_pixels)
             for r in found.records
         ]
         found.skipped = [Skipped(prefix + s.key, s.reason) for s in found.skipped]
@@ -94,7 +95,7 @@ def apply_caption_policy(result: ScanResult, policy: str, default: str) -> None:
     if policy not in MISSING_CAPTION:
         raise DataError(f"data.missing_caption: '{policy}' is not one of {', '.join(MISSING_CAPTION)}")
     missing = [record for record in result.records if record.caption is None]
-    result.uncaptioned = len(missing)
+    result.uncaptioned_keys = [record.key for record in missing]
     if not missing:
         return
     if policy == "error":

@@ -1,9 +1,12 @@
 """Streaming Hugging Face datasets (`data.source=hf data.streaming=true`): for datasets too big for disk.
 
 Rows are read as they arrive: each rank takes its part of the stream (`split_dataset_by_node`),
-DataLoader workers split it further, and a shuffle buffer mixes it. The stream never ends — it starts
-over with a new shuffle each pass — so ranks never run out at different times; `trainer.max_steps`
-ends the run. Bad rows are skipped with a warning as they are met, since nothing is scanned ahead.
+DataLoader workers split it further, and a shuffle buffer mixes it. `datasets` hands whole shards
+(files) to workers, so a rank with fewer shards than workers (one parquet file, four workers) is
+split over ranks x workers instead: each reader keeps every (ranks x workers)-th row. Either way each
+row is read once per pass. The stream never ends — it starts over with a new shuffle each pass — so
+ranks never run out at different times; `trainer.max_steps` ends the run. Bad rows are skipped with
+a warning as they are met, since nothing is scanned ahead.
 What streaming cannot do: aspect-ratio buckets, the cache, a data report with counts, and resuming
 mid-pass at the exact row (a resumed run starts a fresh pass).
 """
@@ -21,7 +24,7 @@ from torch.utils.data import IterableDataset
 from finetune.data.buckets import choose_crop, fit_to
 from finetune.data.captions import CaptionStyle
 from finetune.data.dataset import TO_TENSOR, tokenize_one
-from finetune.data.images import ImageDecodeError, decode_value, value_header
+from finetune.data.images import ImageDecodeError, decode_value
 from finetune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -50,11 +53,11 @@ class StreamingCaptionedImages(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.captions = CaptionStyle.from_config(cfg)
         self.skipped = 0
+        self.passes: int | None = None  # None: endless; a number ends the stream (to inspect a pass)
 
     def open(self) -> Any:
-        """The stream of this rank, images left encoded so they pass our own checks."""
+        """The whole stream, checked, with images left encoded so they pass our own checks."""
         import datasets
-        from datasets.distributed import split_dataset_by_node
 
         from finetune.data.hf import load_dataset_args
 
@@ -68,24 +71,50 @@ class StreamingCaptionedImages(IterableDataset):
                 raise DataError(f"data.{key}: '{getattr(self.cfg, key)}' not in '{self.cfg.name}'")
         if isinstance((stream.features or {}).get(self.cfg.image_column), datasets.Image):
             stream = stream.cast_column(self.cfg.image_column, datasets.Image(decode=False))
-        return split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+        return stream
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def share(self, worker: Any) -> tuple[Any, bool]:
+        """This process's share of the stream, and whether `datasets` may still split it by worker.
+
+        Split by rank, then DataLoader worker. The shuffle seed is the same everywhere, so every reader
+        sees the same shard order and buffer shuffle: that is what keeps the shares disjoint.
+        """
+        from datasets.distributed import split_dataset_by_node
+
         stream = self.open()
         if self.cfg.shuffle:
             stream = stream.shuffle(seed=self.seed, buffer_size=SHUFFLE_BUFFER)
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        by_rank = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+        # Enough shards: datasets gives each worker whole ones. (`n_shards`: the name every datasets>=3
+        # has; newer ones call it `num_shards` too. Both count this rank's shards after the split.)
+        if by_rank.n_shards >= workers:
+            return by_rank, True
+        readers, reader = self.world_size * workers, self.rank * workers + worker_id
+        return split_dataset_by_node(stream, rank=reader, world_size=readers), False
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         worker = torch.utils.data.get_worker_info()
+        share, by_worker = self.share(worker)
         counter = itertools.count()
-        for epoch in itertools.count():
-            stream.set_epoch(epoch)
+        for epoch in itertools.count() if self.passes is None else range(self.passes):
+            share.set_epoch(epoch)
+            # Iterating the dataset in a worker splits it by worker again; `iter()` does not.
+            rows = iter(share) if by_worker else _unbatched(share.iter(batch_size=1))
             seen = 0
-            for row in stream:
+            for row in rows:
                 seen += 1
                 sample = self._sample(row, epoch, next(counter), worker.id if worker else 0)
                 if sample is not None:
                     yield sample
             if seen == 0:
-                raise DataError(f"data.name: '{self.cfg.name}' streamed no rows for this process")
+                if worker is not None and worker.id > 0:  # a tiny stream: worker 0 still feeds this rank
+                    log.warning("data.num_workers: worker %d of rank %d got no rows", worker.id, self.rank)
+                    return
+                raise DataError(
+                    f"data.name: '{self.cfg.name}' streamed no rows for rank {self.rank} of {self.world_size}"
+                    " — is it empty, or has it fewer rows than ranks x data.num_workers?"
+                )
 
     def _sample(self, row: dict, epoch: int, count: int, worker: int) -> dict[str, torch.Tensor] | None:
         cfg = self.cfg
@@ -97,12 +126,8 @@ class StreamingCaptionedImages(IterableDataset):
             if cfg.missing_caption == "skip":
                 return self._skip(key, "no caption")
             caption = cfg.default_caption if cfg.missing_caption == "default" else ""
-        value = row.get(cfg.image_column)
-        try:
-            with value_header(value) as header:
-                if header.width * header.height > cfg.max_pixels:
-                    return self._skip(key, f"{header.width} x {header.height} is over data.max_pixels")
-            image = decode_value(value, key)
+        try:  # data.max_pixels is checked from the header, before any pixel is decoded
+            image = decode_value(row.get(cfg.image_column), key, cfg.max_pixels)
         except ImageDecodeError as error:
             return self._skip(key, str(error))
         generator = torch.Generator().manual_seed(hash((self.seed, self.rank, worker, count)) & 0x7FFFFFFF)
@@ -127,3 +152,9 @@ class StreamingCaptionedImages(IterableDataset):
         self.skipped += 1
         log.warning("skipped %s: %s (%d skipped so far in this process)", key, reason, self.skipped)
         return None
+
+
+def _unbatched(batches: Iterator[dict[str, list]]) -> Iterator[dict]:
+    """Rows out of `IterableDataset.iter` batches (column -> values)."""
+    for batch in batches:
+        yield from (dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True))

@@ -18,6 +18,7 @@ from finetune.export import ExportExistsError
 from finetune.files import atomic_dir
 from finetune.methods import unet_denoise
 from finetune.models import Components
+from finetune.nonfinite import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,14 @@ class EMACallback(L.Callback):
         self.ema.to(module.device)
         self.last_step = trainer.global_step
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step != self.last_step:  # not after accumulation-only batches
+    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self.last_step:  # an accumulation-only batch: no step yet
+            return
+        self.last_step = trainer.global_step
+        # A skipped step (NaN/inf) left the weights as they were; the EMA's count of steps, which
+        # sets its warm-up decay, must not move either.
+        if not module.nonfinite.last_skipped:
             self.ema.step(self.unet.parameters())
-            self.last_step = trainer.global_step
 
     def state_dict(self) -> dict[str, Any]:
         return self.ema.state_dict()
@@ -108,6 +113,7 @@ class FullMethod:
         pipe = components.pipeline()
         written = {"diffusers": out_dir}
         with self.inference_weights():
+            check_finite(pipe.unet.state_dict(), "export")  # before any file is written
             with atomic_dir(out_dir) as partial:  # the folder appears complete or not at all
                 pipe.save_pretrained(partial, safe_serialization=True)
             if self.cfg.save_single_file and components.is_sdxl:
