@@ -59,6 +59,14 @@ def _parse_resolution(text: str) -> tuple[int, int] | None:
     return (sizes[0], sizes[-1]) if len(sizes) in (1, 2) else None
 
 
+def finish_time(trained_at: str | None = None) -> datetime.datetime:
+    """When training finished, for export headers: the caller's `trained_at` (ISO 8601) when given,
+    so every header of one export names the same moment; else now, in UTC."""
+    if trained_at:
+        return datetime.datetime.fromisoformat(trained_at)
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
 def kohya_metadata(
     common: dict[str, str], state_dict: dict[str, torch.Tensor], unet: torch.nn.Module, default_title: str
 ) -> dict[str, str]:
@@ -68,19 +76,20 @@ def kohya_metadata(
     prediction = common.get("prediction_type")
     version, architecture, implementation = _base_model_version(unet, prediction)
     data_hash = _tensor_data_sha256(state_dict)
+    finished = finish_time(common.get("trained_at"))
     computed = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(ranks.most_common(1)[0][0]),
         "ss_network_alpha": str(float(alphas.most_common(1)[0][0])),
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
-        "ss_training_finished_at": str(datetime.datetime.now().timestamp()),
+        "ss_training_finished_at": str(finished.timestamp()),
         # A1111 identifies LoRA files by this hash of the tensor bytes; precomputed saves it a file read.
         "sshs_model_hash": data_hash,
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": f"{architecture}/lora",
         "modelspec.implementation": implementation,
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+        "modelspec.date": finished.replace(microsecond=0).isoformat(),
         "modelspec.hash_sha256": f"0x{data_hash}",
     }
     for generic, kohya_key in KOHYA_KEYS.items():

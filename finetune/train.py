@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +206,8 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
 def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int) -> dict[str, str]:
     """Training facts for the exported files' safetensors headers (all strings)."""
+    from finetune.kohya_metadata import finish_time
+
     return {
         "base_model": str(cfg.model.pretrained),
         **{key: str(value) for key, value in summary.items()},  # method, rank, alpha, prediction_type …
@@ -217,7 +218,7 @@ def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int
         "learning_rate": str(cfg.optim.lr),
         "seed": str(cfg.seed),
         "run_name": str(cfg.name),
-        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trained_at": finish_time().isoformat(timespec="seconds"),
     }
 
 

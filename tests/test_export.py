@@ -226,3 +226,13 @@ def test_existing_export_is_not_overwritten(base: Path, tmp_path: Path) -> None:
     assert {v.dtype for v in load_file(paths["diffusers"]).values()} == {torch.float16}
     with safe_open(paths["kohya"], framework="pt") as f:
         assert f.metadata()["ss_steps"] == "999"
+
+
+def test_every_header_date_is_the_run_s_finish_time(base: Path, tmp_path: Path) -> None:
+    pipe = trained_pipeline(base, UNET_DEFAULT, rank=4, alpha=4)
+    metadata = {**METADATA, "trained_at": "2023-11-14T22:13:20+00:00"}
+    written = export_lora(tmp_path / "adapter", pipe.unet, metadata=metadata)
+    with safe_open(written["kohya"], "pt") as handle:
+        header = handle.metadata()
+    assert header["trained_at"] == header["modelspec.date"] == "2023-11-14T22:13:20+00:00"
+    assert header["ss_training_finished_at"] == "1700000000.0"
