@@ -19,9 +19,10 @@ train: $(STAMP)
 	$(BIN)/finetune-train experiment=tiny_style $(ARGS)
 
 test: $(STAMP) browser
+	$(BIN)/lint-imports --no-cache
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-# Debian's Chromium and its driver, for the dashboard test (tests/test_dashboard.py). Nothing to do
+# Debian's Chromium and its driver, for the dashboard test (tests/training/test_dashboard.py). Nothing to do
 # when they are installed; installed with apt-get when missing and we are root (CI); otherwise a note,
 # and that test skips.
 .PHONY: browser
@@ -31,7 +32,7 @@ browser:
 		echo "installing chromium and chromium-driver for the dashboard test"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
 	else \
-		echo "note: chromium/chromedriver are missing and this is not root, so tests/test_dashboard.py" \
+		echo "note: chromium/chromedriver are missing and this is not root, so tests/training/test_dashboard.py" \
 			"will skip; to run it: sudo apt-get install chromium chromium-driver"; \
 	fi
 
@@ -42,6 +43,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf outputs .cache

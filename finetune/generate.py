@@ -14,9 +14,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
-from finetune.config import CONF_DIR, register_configs
-from finetune.errors import ConfigError, FinetuneError, run_command
-from finetune.files import save_png
+from finetune.config.errors import ConfigError, FinetuneError, run_command
+from finetune.config.files import save_png
+from finetune.config.store import CONF_DIR, register_configs
 
 log = logging.getLogger("finetune")
 register_configs()
@@ -47,7 +47,7 @@ def _slug(text: str, limit: int = 40) -> str:
 
 
 def with_controlnet(pipe: Any, controlnet: Any) -> Any:
-    from finetune.models import with_controlnet as controlled_by
+    from finetune.models.loading import with_controlnet as controlled_by
 
     controlled = controlled_by(pipe, controlnet)
     controlled.set_progress_bar_config(disable=True)
@@ -85,11 +85,13 @@ def generate(cfg: DictConfig) -> list[Path]:
     """Generate `count` images per prompt; returns the PNG paths (existing files are never replaced)."""
     import torch
 
-    from finetune.models import load_pipeline
-    from finetune.samples import sampler_from
+    from finetune.models.loading import load_pipeline
+    from finetune.tiny.builder import ensure_tiny_model
+    from finetune.validation.samples import sampler_from
 
     prompts = _prompts(cfg)
     device, dtype = _device_and_dtype(cfg)
+    ensure_tiny_model(cfg.model)
     pipe = load_pipeline(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
     pipe.scheduler = sampler_from(pipe.scheduler, cfg.scheduler)
     extra = {}
@@ -103,7 +105,7 @@ def generate(cfg: DictConfig) -> list[Path]:
         extra["cross_attention_kwargs"] = {"scale": float(cfg.adapter_scale)}
     controls: list[tuple[str, object]] = [("", None)]
     if cfg.controlnet:
-        from finetune.convert_controlnet import read_controlnet
+        from finetune.export.controlnet_file import read_controlnet
 
         controlnet = read_controlnet(str(cfg.controlnet), cfg.controlnet_config).to(dtype)
         pipe = with_controlnet(pipe, controlnet)

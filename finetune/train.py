@@ -16,9 +16,9 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.checks import check_config
-from finetune.config import CONF_DIR, register_configs
-from finetune.errors import run_command
+from finetune.config.errors import run_command
+from finetune.config.store import CONF_DIR, register_configs
+from finetune.training.checks import check_config
 
 log = logging.getLogger("finetune")
 register_configs()
@@ -43,15 +43,17 @@ def train(cfg: DictConfig) -> RunResult:
     import lightning as L
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-    from finetune.checkpoints import SafeCheckpointIO, resolve_resume
+    from finetune.checkpointing.checkpoints import SafeCheckpointIO, resolve_resume
+    from finetune.config.secrets import mask_hydra_files
     from finetune.data import CaptionedImageDataModule
-    from finetune.loggers import build_loggers, log_config, log_exports
-    from finetune.methods import build_method
-    from finetune.models import load_components, weight_dtype_for
-    from finetune.module import DiffusionModule
-    from finetune.secrets import mask_hydra_files
-    from finetune.sharding import full_weights
-    from finetune.speed import apply_speed_settings, set_matmul_precision, uses_cuda
+    from finetune.data.scan import scan_data
+    from finetune.models.loading import load_components, weight_dtype_for
+    from finetune.models.sharding import full_weights
+    from finetune.models.speed import apply_speed_settings, set_matmul_precision, uses_cuda
+    from finetune.tiny.builder import ensure_tiny_model
+    from finetune.training.loggers import build_loggers, log_config, log_exports
+    from finetune.training.methods import build_method
+    from finetune.training.module import DiffusionModule
 
     # The frozen VAE / text encoder stay in eval mode on purpose; Lightning warns about that.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -61,18 +63,19 @@ def train(cfg: DictConfig) -> RunResult:
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     run_dir = Path(cfg.run_dir)
     checkpoint = resolve_resume(cfg.resume, run_dir)  # a wrong path fails here, before models load
-    datamodule = CaptionedImageDataModule(cfg.data, seed=cfg.seed)
-    num_images = datamodule.scan()  # data errors surface here, before any model loads
+    data_scan = scan_data(cfg.data, cfg.seed)  # data errors surface here, before any model loads
+    num_images = len(data_scan.sizes)
 
     L.seed_everything(cfg.seed, workers=True)
     on_cuda = uses_cuda(str(cfg.trainer.accelerator))
     set_matmul_precision(cfg.model, on_cuda)
     dtype = weight_dtype_for(cfg.trainer.precision)
+    ensure_tiny_model(cfg.model)
     components = load_components(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
     method = build_method(cfg.method)
     method.prepare(components)
     apply_speed_settings(components, cfg.model)
-    datamodule.tokenizer, datamodule.tokenizer_2 = components.tokenizer, components.tokenizer_2
+    datamodule = CaptionedImageDataModule(cfg.data, components.prompts.captions, cfg.seed, scan=data_scan)
     module = DiffusionModule(components, method, cfg.loss, cfg.optim)
 
     loggers = build_loggers(cfg.logger, resuming=checkpoint is not None)
@@ -111,7 +114,7 @@ def _strategy(name: Any) -> Any:
     """Lightning's strategy argument. `fsdp` is this project's FSDP2 strategy (see sharding.py); the
     DeepSpeed ones leave the frozen base out of checkpoints, as every other strategy here does."""
     if name == "fsdp":
-        from finetune.sharding import ShardedDataParallel
+        from finetune.models.sharding import ShardedDataParallel
 
         return ShardedDataParallel()
     if isinstance(name, str) and name.startswith("deepspeed"):
@@ -125,7 +128,7 @@ def _strategy(name: Any) -> Any:
 def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str], step: int) -> dict:
     """Export into the run folder; a run resumed after it had exported writes `exports/step_<N>/`
     instead, so no earlier export is ever replaced."""
-    from finetune.export import ExportExistsError
+    from finetune.config.errors import ExportExistsError
 
     try:
         exported = method.export(components, run_dir, metadata)
@@ -141,19 +144,19 @@ def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str
 
 
 def _sample_callback(cfg: DictConfig, run_dir: Path):
-    from finetune.samples import SampleGrid
+    from finetune.validation.samples import SampleGrid
 
     return SampleGrid(cfg.validation, run_dir / "samples", cfg.data.resolution)
 
 
 def _validation_metrics(cfg: DictConfig) -> list:
     """The validation loss, and FID / KID when Inception weights are given."""
-    from finetune.validation_loss import ValidationLoss
+    from finetune.validation.loss import ValidationLoss
 
     validation = cfg.validation
     metrics = [ValidationLoss(validation.loss_timesteps, validation.every_n_steps, validation.seed)]
     if validation.inception_weights:
-        from finetune.image_metrics import HoldoutFidelity
+        from finetune.validation.fidelity import HoldoutFidelity
 
         metrics.append(HoldoutFidelity(validation))
     return metrics
@@ -164,10 +167,10 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     from hydra.utils import instantiate
     from lightning.pytorch.callbacks import LearningRateMonitor, ThroughputMonitor
 
-    from finetune.callbacks import DataCachePass, DataReport, StepProgressBar
-    from finetune.checkpoints import StepCheckpoint
-    from finetune.interrupt import StopOnSignal
-    from finetune.rng import RandomStates
+    from finetune.checkpointing.checkpoints import StepCheckpoint
+    from finetune.checkpointing.interrupt import StopOnSignal
+    from finetune.checkpointing.rng import RandomStates
+    from finetune.training.callbacks import DataCachePass, DataReport, StepProgressBar
 
     checkpoints = run_dir / "checkpoints"
     callbacks = [
@@ -206,7 +209,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
 
 def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int) -> dict[str, str]:
     """Training facts for the exported files' safetensors headers (all strings)."""
-    from finetune.kohya_metadata import finish_time
+    from finetune.export.kohya_metadata import finish_time
 
     return {
         "base_model": str(cfg.model.pretrained),

@@ -32,9 +32,10 @@ import numpy as np  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from finetune.clip_vocab import build_tokenizer  # noqa: E402
-from finetune.config import CONF_DIR, DataConfig  # noqa: E402
+from finetune.config.schema import DataConfig  # noqa: E402
+from finetune.config.store import CONF_DIR
 from finetune.data import CaptionedImageDataModule  # noqa: E402
+from finetune.tiny.vocab import build_tokenizer  # noqa: E402
 from finetune.train import train  # noqa: E402
 
 

@@ -23,7 +23,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from finetune.clip_vocab import build_tokenizer
+from finetune.tiny.vocab import build_tokenizer
 
 # What the SD1.5 and SDXL U-Nets share.
 _UNET_SHARED: dict[str, Any] = {

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from finetune.methods.controlnet import embedding_channels
+from finetune.training.methods.controlnet import embedding_channels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -40,7 +40,7 @@ from bench_models import save_random_pipeline
 from bench_reference import ReferenceSetup, run_reference
 from hydra import compose, initialize_config_dir
 
-from finetune.config import CONF_DIR, PROJECT_DIR
+from finetune.config.store import CONF_DIR, PROJECT_DIR
 from finetune.train import train
 
 DEFAULT_RESOLUTION = {"tiny": 32, "sd15": 512, "sdxl": 1024}

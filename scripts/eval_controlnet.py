@@ -19,10 +19,10 @@ from types import SimpleNamespace  # noqa: E402
 
 from diffusers import StableDiffusionControlNetPipeline  # noqa: E402
 
-from finetune.convert_controlnet import read_controlnet  # noqa: E402
 from finetune.data.conditioning import canny  # noqa: E402
-from finetune.evaluation_control import control_scenes, placement_iou  # noqa: E402
-from finetune.samples import sampler_from  # noqa: E402
+from finetune.export.controlnet_file import read_controlnet  # noqa: E402
+from finetune.tiny.control_metrics import control_scenes, placement_iou  # noqa: E402
+from finetune.validation.samples import sampler_from  # noqa: E402
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Sample i uses the prompt `a <colour> <shape>` of combination i mod 24 and seed `--seed + i`; with an
 adapter the same prompts get the trigger suffix and are sampled by the base and by the LoRA with the
-same seeds, so the two grids differ only by the adapter. Metrics: `finetune.evaluation`.
+same seeds, so the two grids differ only by the adapter. Metrics: `finetune.tiny.metrics`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import torch  # noqa: E402
 from diffusers import StableDiffusionPipeline  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from finetune.evaluation import adherence, style_strength  # noqa: E402
-from finetune.files import atomic_path, save_png  # noqa: E402
-from finetune.samples import SAMPLERS, sampler_from  # noqa: E402
-from finetune.shapes import COLOURS, SHAPES, STYLE_SUFFIX, caption_for  # noqa: E402
+from finetune.config.files import atomic_path, save_png  # noqa: E402
+from finetune.tiny.metrics import adherence, style_strength  # noqa: E402
+from finetune.tiny.scenes import COLOURS, SHAPES, STYLE_SUFFIX, caption_for  # noqa: E402
+from finetune.validation.samples import SAMPLERS, sampler_from  # noqa: E402
 
 GRID_COLUMNS = 8
 VIEW_SIZE = 128  # tiles smaller than this are enlarged (nearest) in saved grids, to be seen at all

@@ -16,8 +16,8 @@ import random
 import sys
 from pathlib import Path
 
-from finetune.files import atomic_dir
-from finetune.shapes import COLOURS, POSITIONS, SCALES, SHAPES, draw_scene
+from finetune.config.files import atomic_dir
+from finetune.tiny.scenes import COLOURS, POSITIONS, SCALES, SHAPES, draw_scene
 
 SEED = 4321
 COUNT = 48

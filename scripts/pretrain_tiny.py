@@ -5,7 +5,7 @@
 
 Stages (1-3 skipped when their output already exists in --work, 4 resumes from its last checkpoint,
 so an interrupted run picks up where it stopped):
-  1. draw --images captioned 32-px scenes with finetune.shapes (`a <colour> <shape>` + extras);
+  1. draw --images captioned 32-px scenes with finetune.tiny.scenes (`a <colour> <shape>` + extras);
   2. train the AutoencoderKL (a small Lightning module below: reconstruction + KL) on those scenes
      mixed half and half with `varied_scene`s: random backgrounds, fills, stripes and outlines. SD's
      VAE saw every kind of picture; ours must too, or styles the U-Net never saw (and that a LoRA
@@ -38,10 +38,11 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-from finetune.config import CONF_DIR, DataConfig
+from finetune.config.schema import DataConfig
+from finetune.config.store import CONF_DIR
 from finetune.data import CaptionedImageDataModule
-from finetune.shapes import SHAPES, draw_shape, random_scene
-from finetune.tiny import build_tiny_pipeline
+from finetune.tiny.builder import build_tiny_pipeline
+from finetune.tiny.scenes import SHAPES, draw_shape, random_scene
 from finetune.train import train
 
 RESOLUTION = 32

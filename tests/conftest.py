@@ -29,7 +29,7 @@ def compose_config(overrides: list[str]):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SD pipeline saved as a diffusers folder, built once per test session."""
-    from finetune.tiny import save_tiny_pipeline
+    from finetune.tiny.builder import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd")
 
@@ -37,7 +37,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny SDXL pipeline (two text encoders, size conditioning) as a diffusers folder."""
-    from finetune.tiny import save_tiny_sdxl_pipeline
+    from finetune.tiny.builder import save_tiny_sdxl_pipeline
 
     return save_tiny_sdxl_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from finetune.files import atomic_path
+from finetune.config.files import atomic_path
 
 
 class TrainableWeightsDump(L.Callback):

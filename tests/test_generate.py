@@ -9,7 +9,7 @@ import pytest
 from conftest import CONF_DIR, compose_config, fast_overrides
 from PIL import Image
 
-from finetune.errors import ConfigError
+from finetune.config.errors import ConfigError
 from finetune.generate import generate
 from finetune.train import train
 
@@ -81,9 +81,9 @@ def test_a_ckpt_model_needing_full_unpickling_opens_only_when_allowed(
     import torch
     from safetensors.torch import load_file
 
-    from finetune.config import ModelConfig
-    from finetune.convert import save_single_file
-    from finetune.models import load_components
+    from finetune.config.schema import ModelConfig
+    from finetune.export.single_file import save_single_file
+    from finetune.models.loading import load_components
 
     single = save_single_file(
         load_components(ModelConfig(pretrained=str(tiny_model))), tmp_path / "m.safetensors"

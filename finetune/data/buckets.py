@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from finetune.errors import ConfigError
+from finetune.config.errors import ConfigError
 
 
 @lru_cache(maxsize=16)

@@ -22,10 +22,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from finetune.config.files import atomic_path
 from finetune.data.buckets import choose_crop
 from finetune.data.captions import CaptionStyle
 from finetune.data.records import ImageRecord
-from finetune.files import atomic_path
 
 CACHE_VERSION = 1  # bump when what an entry holds changes: old entries then stop matching
 DEFAULT_CACHE_DIR = Path("~/.cache/finetune/latents")

@@ -1,4 +1,4 @@
-"""Caption changes made each time an image is shown (tag shuffling, prefix/suffix, dropout); tokenizing."""
+"""Caption changes made each time an image is shown: tag shuffling, prefix / suffix, dropout."""
 
 from __future__ import annotations
 
@@ -48,23 +48,3 @@ class CaptionStyle:
         order = torch.randperm(len(rest), generator=generator).tolist()
         joiner = self.separator.strip() + " " if self.separator.strip() else self.separator
         return joiner.join(kept + [rest[i] for i in order])
-
-
-def tokenize_batch(tokenizer: Any, captions: list[str]) -> torch.Tensor:
-    """[B, model_max_length] int64 token ids, padded and truncated as the text encoder expects."""
-    tokens = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    )
-    return tokens.input_ids.long()
-
-
-def tokenize_captions(tokenizer: Any, tokenizer_2: Any, captions: list[str]) -> dict[str, torch.Tensor]:
-    """`input_ids` ([B, L]), and `input_ids_2` from SDXL's second tokenizer when there is one."""
-    ids = {"input_ids": tokenize_batch(tokenizer, captions)}
-    if tokenizer_2 is not None:
-        ids["input_ids_2"] = tokenize_batch(tokenizer_2, captions)
-    return ids

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
+from finetune.config.errors import ConfigError, DataError
 from finetune.data.buckets import Fitted, fit_to
 from finetune.data.images import ImageDecodeError
-from finetune.errors import ConfigError, DataError
 
 Preprocessor = Callable[[Image.Image, Any], Image.Image]
 

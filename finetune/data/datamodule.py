@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,80 +16,70 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from finetune.config import DataConfig
-from finetune.data.buckets import buckets_for, target_size
+from finetune.config.errors import DataError
+from finetune.config.schema import DataConfig
 from finetune.data.cache import DataCache
 from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.dataset import CaptionedImageDataset
 from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader
-from finetune.data.sources import find_records
-from finetune.errors import ConfigError, DataError
-from finetune.value_checks import check_values
+from finetune.data.scan import DataScan, scan_data
+from finetune.models.prompts import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 
 
 class CaptionedImageDataModule(L.LightningDataModule):
-    """Training batches from `cfg.data`. Call `scan()` early: it reports data errors before models load."""
+    """Training batches from `cfg.data`.
 
-    def __init__(self, cfg: DataConfig, tokenizer: Any = None, seed: int = 0) -> None:
+    Made after the model loads, with its tokenizer and the scan made before (`scan_data`), so data
+    errors surface before any model loads; without a scan it scans on first use.
+    """
+
+    def __init__(
+        self, cfg: DataConfig, tokenizer: Any = None, seed: int = 0, scan: DataScan | None = None
+    ) -> None:
         super().__init__()
         self.cfg = cfg
-        self.tokenizer = tokenizer  # set later when it comes with the model
-        self.tokenizer_2: Any = None  # SDXL's second tokenizer, likewise
+        # The model's tokenizer(s): a CaptionTokenizer, or one Hugging Face tokenizer.
+        self.tokenizer = CaptionTokenizer.of(tokenizer) if tokenizer is not None else None
         self.seed = seed
-        self.scan_result: ScanResult | None = None
-        self.sizes: list[tuple[int, int]] = []
+        self._scan = scan
         self.dataset: Any = None  # CaptionedImageDataset, or a StreamingCaptionedImages
         self.cache: DataCache | None = None  # set by prepare_cache()
-        self.holdout: list[tuple[ImageRecord, tuple[int, int]]] = []  # (record, size) for validation
+
+    @property
+    def data(self) -> DataScan:
+        """The scan this module trains from (made on first use when none was given)."""
+        if self._scan is None:
+            self._scan = scan_data(self.cfg, self.seed)
+        return self._scan
+
+    def scan(self) -> int:
+        """Scan now (if not yet); how many images train."""
+        return len(self.data.sizes)
+
+    @property
+    def scan_result(self) -> ScanResult:
+        return self.data.result
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        return self.data.sizes
+
+    @property
+    def holdout(self) -> list[tuple[ImageRecord, tuple[int, int]]]:
+        return self.data.holdout
 
     @property
     def records(self) -> Sequence[ImageRecord]:
-        if self.scan_result is None:
-            self.scan()
-        assert self.scan_result is not None
-        return self.scan_result.records
+        return self.data.result.records
 
     @property
     def num_images(self) -> int:
         """How many usable records the sources hold (scans on first use)."""
         return len(self.records)
-
-    def scan(self) -> int:
-        """Check the config, find and screen the records, pick each one's size; return how many.
-
-        A stream is not scanned (it has no end): 0 is returned and rows are checked as they come.
-        """
-        self._check_config()
-        if self.cfg.streaming:
-            self._stream().open()  # a wrong name or column fails now, not in a worker after models load
-            self.scan_result = ScanResult(records=[], notes=[f"streaming '{self.cfg.name}': counts unknown"])
-            return 0
-        self.scan_result = find_records(self.cfg)
-        self.sizes = [target_size(self.cfg, *record.size) for record in self.scan_result.records]
-        self._hold_out()
-        return len(self.sizes)
-
-    def _hold_out(self) -> None:
-        """Move `data.holdout` records, picked by seed, out of training and into `holdout`."""
-        count = self.cfg.holdout
-        if count <= 0:
-            return
-        assert self.scan_result is not None
-        total = len(self.sizes)
-        if count >= total:
-            raise DataError(f"data.holdout: {count} images held out would leave none of {total} to train on")
-        chosen = set(random.Random(self.seed).sample(range(total), count))
-        records = self.scan_result.records
-        self.holdout = [(records[i], self.sizes[i]) for i in sorted(chosen)]
-        self.scan_result.records = [r for i, r in enumerate(records) if i not in chosen]
-        self.sizes = [s for i, s in enumerate(self.sizes) if i not in chosen]
-        self.scan_result.notes.append(
-            f"data.holdout: {count} images kept out of training for the validation loss"
-        )
 
     def holdout_dataset(self) -> CaptionedImageDataset | None:
         """The held-out images as they are: centre crop, no flip, captions without dropout or shuffling."""
@@ -104,14 +93,11 @@ class CaptionedImageDataModule(L.LightningDataModule):
             sizes,
             captions=style,
             conditioning=ConditioningImages.from_config(self.cfg),
-            tokenizer_2=self.tokenizer_2,
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.scan_result is None:
-            self.scan()
         if self.tokenizer is None:
-            raise DataError("the data module has no tokenizer — set datamodule.tokenizer before setup()")
+            raise DataError("the data module has no tokenizer — give the model's to CaptionedImageDataModule")
         if self.cfg.streaming:
             self.dataset = self._stream()
             return
@@ -124,7 +110,6 @@ class CaptionedImageDataModule(L.LightningDataModule):
             captions=CaptionStyle.from_config(self.cfg),
             cache=self.cache,
             conditioning=ConditioningImages.from_config(self.cfg),
-            tokenizer_2=self.tokenizer_2,
         )
 
     def prepare_cache(self, vae: Any, prompts: Any, strategy: Any = None) -> DataCache | None:
@@ -140,11 +125,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
 
     def drop(self, indices: set[int], reasons: list[Skipped]) -> None:
         """Remove records found unusable after the scan (e.g. by the cache pre-pass), with their reasons."""
-        assert self.scan_result is not None
-        keep = [i for i in range(len(self.sizes)) if i not in indices]
-        self.scan_result.records = [self.scan_result.records[i] for i in keep]
-        self.scan_result.skipped += reasons
-        self.sizes = [self.sizes[i] for i in keep]
+        self.data.drop(indices, reasons)
 
     def batch_sampler(self) -> BucketBatchSampler:
         """This rank's sampler; follows the trainer's epoch and progress when one is attached."""
@@ -167,7 +148,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
 
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        return StreamingCaptionedImages(self.cfg, self.tokenizer, self.seed, rank, world, self.tokenizer_2)
+        return StreamingCaptionedImages(self.cfg, self.tokenizer, self.seed, rank, world)
 
     def train_dataloader(self) -> Any:
         if self.dataset is None:
@@ -198,14 +179,6 @@ class CaptionedImageDataModule(L.LightningDataModule):
         worker processes only compete with training for the same cores."""
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return min(4, (os.cpu_count() or 2) // 2) if on_gpu else 0
-
-    def _check_config(self) -> None:
-        cfg = self.cfg
-        check_values(cfg, section="data")  # choices and ranges, also when no whole config is around
-        if cfg.buckets:
-            buckets_for(cfg)  # raises if the bucket settings leave no bucket
-        if cfg.holdout and cfg.streaming:
-            raise ConfigError("data.holdout: not available with data.streaming — set data.holdout=0")
 
 
 def _batches_trained(trainer: L.Trainer) -> int:

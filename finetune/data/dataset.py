@@ -15,14 +15,14 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from finetune.config.errors import DataError
 from finetune.data.buckets import choose_crop, fit_to
 from finetune.data.cache import DataCache
-from finetune.data.captions import CaptionStyle, tokenize_captions
+from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.images import ImageDecodeError
 from finetune.data.records import ImageRecord
 from finetune.data.sampler import SampleKey
-from finetune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,9 @@ class CaptionedImageDataset(Dataset):
         captions: CaptionStyle | None = None,
         cache: DataCache | None = None,
         conditioning: ConditioningImages | None = None,
-        tokenizer_2: Any = None,
     ) -> None:
         self.records, self.sizes = records, sizes
-        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        self.tokenizer = tokenizer  # a models.prompts.CaptionTokenizer
         self.random_crop, self.random_flip = random_crop, random_flip
         self.captions = captions or CaptionStyle()
         self.cache = cache
@@ -146,9 +145,4 @@ class CaptionedImageDataset(Dataset):
         return self.conditioning.read(record, size, entry.original_size, entry.crop_top_left, flip, generator)
 
     def tokenize(self, caption: str) -> dict[str, torch.Tensor]:
-        return tokenize_one(self.tokenizer, self.tokenizer_2, caption)
-
-
-def tokenize_one(tokenizer: Any, tokenizer_2: Any, caption: str) -> dict[str, torch.Tensor]:
-    """`input_ids` ([L]) of one caption, and `input_ids_2` for SDXL's second tokenizer."""
-    return {name: ids[0] for name, ids in tokenize_captions(tokenizer, tokenizer_2, [caption]).items()}
+        return self.tokenizer.one(caption)

@@ -12,9 +12,9 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from finetune.config.errors import DataError
 from finetune.data.images import IMAGE_EXTENSIONS, FileImage
 from finetune.data.records import Fixed, ImageRecord, ScanResult, Skipped
-from finetune.errors import DataError
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 # kohya's layout: <repeats>_<name>/ folders at the top of the dataset, e.g. "10_zkz style".

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finetune.config.errors import DataError
+from finetune.config.values import config_value
 from finetune.data.folder import resolve_inside
 from finetune.data.images import DatasetImage, FileImage
 from finetune.data.records import ImageRecord, ScanResult, Skipped
-from finetune.data.sources import config_value
-from finetune.errors import DataError
 
 # Single data files `datasets` can read directly, by suffix.
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}

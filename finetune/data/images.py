@@ -21,8 +21,8 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from finetune.config import DataConfig
-from finetune.errors import DataError
+from finetune.config.errors import DataError
+from finetune.config.schema import DataConfig
 
 # Extensions looked for when scanning a folder (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

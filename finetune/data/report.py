@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from finetune.config.files import atomic_path
 from finetune.data.records import ScanResult
-from finetune.files import atomic_path
 
 
 def build_report(

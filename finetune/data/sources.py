@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf.errors import MissingMandatoryValue
-
+from finetune.config.errors import DataError
+from finetune.config.values import config_value
 from finetune.data.folder import attach_parallel_conditioning, scan_folder
+from finetune.data.hf import find_in_hf
 from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.data.records import ScanResult, Skipped
-from finetune.errors import DataError
 
 SOURCES = ("folder", "hf")
 MISSING_CAPTION = ("skip", "empty", "default", "error")
@@ -63,8 +63,6 @@ def _scan_source(cfg: Any) -> ScanResult:
             root, list(cfg.caption_extensions), cfg.file_column, cfg.caption_column, cfg.conditioning_column
         )
     elif source == "hf":
-        from finetune.data.hf import find_in_hf
-
         found = find_in_hf(cfg)
     else:
         raise DataError(f"data.source: '{source}' is not one of {', '.join(SOURCES)}")
@@ -136,11 +134,3 @@ def _nothing_usable(cfg: Any, result: ScanResult) -> str:
         f"metadata.jsonl/metadata.csv at the top listing '{cfg.file_column}' and "
         f"'{cfg.caption_column}' columns"
     )
-
-
-def config_value(cfg: Any, key: str) -> Any:
-    """`cfg.key`, with an unset Hydra value (`???`) read as None so we can explain it ourselves."""
-    try:
-        return getattr(cfg, key)
-    except MissingMandatoryValue:
-        return None

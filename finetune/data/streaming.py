@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
+from finetune.config.errors import ConfigError, DataError
 from finetune.data.buckets import choose_crop, fit_to
 from finetune.data.captions import CaptionStyle
-from finetune.data.dataset import TO_TENSOR, tokenize_one
+from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError, decode_value
-from finetune.errors import ConfigError, DataError
+from finetune.models.prompts import CaptionTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,10 @@ def check_streaming(cfg: Any, max_steps: int) -> None:
 class StreamingCaptionedImages(IterableDataset):
     """Samples shaped like `CaptionedImageDataset`'s, from a streamed dataset (square crops)."""
 
-    def __init__(
-        self, cfg: Any, tokenizer: Any, seed: int, rank: int = 0, world_size: int = 1, tokenizer_2: Any = None
-    ) -> None:
-        self.cfg, self.tokenizer, self.tokenizer_2 = cfg, tokenizer, tokenizer_2
-        self.seed, self.rank, self.world_size = seed, rank, world_size
+    def __init__(self, cfg: Any, tokenizer: Any, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        # The model's tokenizer(s) (a models.prompts.CaptionTokenizer); None only to open and check.
+        self.tokenizer = CaptionTokenizer.of(tokenizer) if tokenizer is not None else None
         self.captions = CaptionStyle.from_config(cfg)
         self.skipped = 0
         self.passes: int | None = None  # None: endless; a number ends the stream (to inspect a pass)
@@ -138,11 +138,7 @@ class StreamingCaptionedImages(IterableDataset):
         )
         return {
             "pixel_values": TO_TENSOR(fitted.image),
-            **tokenize_one(
-                self.tokenizer,
-                self.tokenizer_2,
-                self.captions.apply(" ".join(str(caption).split()), generator),
-            ),
+            **self.tokenizer.one(self.captions.apply(" ".join(str(caption).split()), generator)),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(count),

@@ -1,0 +1,194 @@
+"""Typed schemas for the config groups (registered with Hydra's ConfigStore by `config.store`).
+
+Each YAML file in `conf/` starts from one of these schemas, so a misspelt key or a wrong type fails
+when the config is composed — before any model is loaded — with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """What to load: `pretrained` is a hub id, a local diffusers folder or a single-file checkpoint."""
+
+    pretrained: str | None = None
+    revision: str | None = None
+    variant: str | None = None
+    # Only for single-file checkpoints: a diffusers folder or hub id holding the matching configs.
+    single_file_config: str | None = None
+    # Build the tiny random model at `pretrained` when that folder does not exist (model=tiny only).
+    build_tiny: bool = False
+    resolution: int = 512
+    # null: take it from the scheduler config (epsilon for SD 1.x, v_prediction for SD 2.x 768).
+    prediction_type: str | None = None
+    gradient_checkpointing: bool = False
+    # Speed: sdpa (PyTorch's fused attention) | xformers (when installed) | eager
+    attention: str = "sdpa"
+    # NHWC convolutions. Off: on an H200 the eager SD1.5 LoRA step was slower with it (GroupNorm).
+    channels_last: bool = False
+    tf32: bool = True  # TF32 matmuls for float32 work on Ampere and newer GPUs
+    compile: bool = False  # torch.compile the U-Net / ControlNet (slow first steps, faster after)
+
+
+@dataclass
+class LoraMethodConfig:
+    """LoRA adapters through peft (`method=lora`)."""
+
+    name: str = "lora"
+    rank: int = 8
+    alpha: float | None = None  # null: alpha = rank (scale 1.0)
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    train_text_encoder: bool = False
+    text_encoder_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
+    )
+    init_weights: str = "gaussian"
+
+
+@dataclass
+class FullMethodConfig:
+    """Full U-Net fine-tuning (`method=full`), with an exponential moving average of the weights."""
+
+    name: str = "full"
+    ema: bool = True
+    ema_decay: float = 0.9999  # the ceiling; with warmup the decay starts low and rises towards it
+    ema_warmup: bool = True
+    ema_power: float = 0.6666667  # warmup: decay = 1 - (1 + step) ** -power
+    save_single_file: bool = True  # also write model.safetensors in the original (A1111/ComfyUI) layout
+
+
+@dataclass
+class ControlNetMethodConfig:
+    """A ControlNet beside the frozen base U-Net (`method=controlnet`)."""
+
+    name: str = "controlnet"
+    # null: initialise from the base U-Net's encoder; else a hub id, folder or single file to continue.
+    pretrained: str | None = None
+    pretrained_config: str | None = None  # a single file's architecture: a folder with its config.json
+    conditioning_scale: float = 1.0
+    lora_rank: int | None = None  # train a LoRA on the ControlNet instead of all its weights
+    unet_lora_rank: int | None = None  # also train a LoRA on the base U-Net
+    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    save_single_file: bool = True  # also write controlnet.safetensors in the original (A1111/ComfyUI) layout
+
+
+@dataclass
+class SourceConfig:
+    """Where captioned images come from: `source=folder` (path) or `source=hf` (name)."""
+
+    source: str = "folder"
+    path: str | None = None
+    name: str | None = None  # hub id, save_to_disk folder, or .parquet / .arrow file(s)
+    split: str = "train"
+    image_column: str = "image"
+    caption_column: str = "text"
+    # Column of metadata.jsonl / metadata.csv naming each image file (HF imagefolder convention).
+    file_column: str = "file_name"
+    caption_extensions: list[str] = field(default_factory=lambda: [".txt", ".caption"])
+    # ControlNet conditioning images: a parallel folder (same relative names, any image extension), or
+    # a metadata / dataset column holding them.
+    conditioning_path: str | None = None
+    conditioning_column: str | None = None
+    # How often this source's images are shown per epoch, relative to their count (may be fractional);
+    # it multiplies kohya folder repeats.
+    weight: float = 1.0
+
+
+@dataclass
+class DataConfig(SourceConfig):
+    """Captioned images: one source (the fields above) or several mixed (`sources`)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    streaming: bool = False  # hf only: read the dataset as a stream (too big for disk)
+    resolution: int = 512
+    crop: str = "center"  # center | random
+    random_flip: bool = True
+    # Aspect-ratio buckets: equal-area sizes around `resolution`, each batch from one bucket.
+    buckets: bool = False
+    bucket_step: int = 64  # side lengths are multiples of this
+    bucket_min_side: int | None = None  # null: resolution / 2
+    bucket_max_side: int | None = None  # null: resolution * 2
+    bucket_max_ratio: float = 4.0  # longest / shortest side
+    # Captions
+    missing_caption: str = "empty"  # skip | empty | default | error
+    default_caption: str = ""
+    caption_prefix: str = ""  # e.g. a trigger word: "zkz style, "
+    caption_suffix: str = ""
+    shuffle_tags: bool = False  # shuffle comma-separated tags every time an image is shown
+    keep_tokens: int = 0  # leading tags that stay in place when shuffling
+    tag_separator: str = ","
+    caption_dropout: float = 0.0
+    # ControlNet: conditioning computed from each image by a preprocessor (canny), instead of read
+    conditioning: str | None = None
+    canny_low: int = 100
+    canny_high: int = 200
+    conditioning_dropout: float = 0.0  # share of samples trained with a blank conditioning image
+    # Bad input
+    max_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's own limit
+    upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
+    verify: bool = False  # decode every image while scanning (slower; catches truncated files up front)
+    # Caching of VAE latents and text-encoder outputs
+    cache: str = "none"  # none | memory | disk
+    cache_dir: str | None = None  # disk cache; null: ~/.cache/finetune/latents
+    # Images kept out of training (chosen by seed) for the validation loss (`validation.loss_timesteps`)
+    holdout: int = 0
+    # Loading
+    batch_size: int = 1
+    # Decoding processes; null: 4 (at most half the CPUs) when training on a GPU, else 0 (in-process)
+    num_workers: int | None = None
+    shuffle: bool = True
+
+
+@dataclass
+class LossConfig:
+    prediction_type: str | None = None  # null: the scheduler's (overrides model.prediction_type)
+    snr_gamma: float | None = None  # min-SNR-gamma weighting; 5.0 is the paper's choice
+    noise_offset: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"  # adamw | adamw_8bit (bitsandbytes) | adafactor (transformers) | prodigy (prodigyopt)
+    fused: bool | None = None  # AdamW's fused kernel; null: on CUDA
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-2
+    eps: float = 1e-8
+    scheduler: str = "constant"  # after `warmup_steps` of linear warmup: constant | cosine | linear …
+    warmup_steps: int = 0
+    # Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
+    max_nonfinite_in_a_row: int = 5
+
+
+@dataclass
+class ValidationConfig:
+    every_n_steps: int = 0  # 0: only at the end of training
+    prompts: list[str] = field(default_factory=lambda: ["a photo"])
+    negative_prompt: str = ""
+    guidance_scale: float = 7.5
+    num_inference_steps: int = 25
+    seed: int = 0
+    images_per_prompt: int = 1
+    # Sampler for the validation images (the training noise schedule is unchanged).
+    scheduler: str | None = "euler"
+    # Validation loss on the `data.holdout` images: the same timesteps and noise every time, so that
+    # runs and steps compare; logged as val/loss at every sample step.
+    loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])
+    # CLIP score of the samples against their prompts (val/clip_score): a CLIP model folder or a hub
+    # id already downloaded, e.g. openai/clip-vit-large-patch14. Skipped with a notice if it won't load.
+    clip_model: str | None = None
+    # FID and KID, at the end of training, of samples from the data.holdout captions against those
+    # images: the Inception weights file torch-fidelity uses (pt_inception-2015-12-05), on disk.
+    inception_weights: str | None = None
+    # ControlNet: conditioning images for the samples (prompt i uses image i, cycling); raw photos
+    # when data.conditioning names a preprocessor. Empty: those of the first training samples.
+    conditioning_images: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 500
+    keep_last: int = -1  # -1: keep every checkpoint

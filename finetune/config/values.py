@@ -1,0 +1,135 @@
+"""Value checks: each key whose value must be one of a few words, or a number in a known range.
+
+They run before anything heavy (`checks.check_config`), and the data module runs the `data` ones on
+its own config, so a bad value is one line naming the key, whichever command reads it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from finetune.config.errors import ConfigError
+
+# Keys whose value must be one of a few words; checked before anything heavy happens.
+CHOICES = {
+    "data.source": ("folder", "hf"),
+    "data.crop": ("center", "random"),
+    "data.missing_caption": ("skip", "empty", "default", "error"),
+    "data.cache": ("none", "memory", "disk"),
+    "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
+    "loss.prediction_type": (None, "epsilon", "v_prediction"),
+    "model.prediction_type": (None, "epsilon", "v_prediction"),
+    "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),
+    "model.attention": ("sdpa", "xformers", "eager"),
+}
+
+
+Rule = tuple[Callable[[Any], bool], str]
+ABOVE_ZERO: Rule = (lambda value: value > 0, "must be greater than 0")
+AT_LEAST_ONE: Rule = (lambda value: value >= 1, "must be at least 1")
+NOT_NEGATIVE: Rule = (lambda value: value >= 0, "must be 0 or more")
+PROBABILITY: Rule = (lambda value: 0 <= value <= 1, "must be between 0 and 1")
+# Numbers whose range is known: checked before anything loads. An unset (null) value passes.
+VALUE_RULES: dict[str, Rule] = {
+    "method.rank": ABOVE_ZERO,
+    "method.alpha": ABOVE_ZERO,
+    "method.dropout": PROBABILITY,
+    "method.lora_rank": ABOVE_ZERO,
+    "method.unet_lora_rank": ABOVE_ZERO,
+    "method.conditioning_scale": NOT_NEGATIVE,
+    "method.ema_decay": PROBABILITY,
+    "method.ema_power": ABOVE_ZERO,
+    "optim.lr": ABOVE_ZERO,
+    "optim.eps": ABOVE_ZERO,
+    "optim.weight_decay": NOT_NEGATIVE,
+    "optim.warmup_steps": NOT_NEGATIVE,
+    "optim.max_nonfinite_in_a_row": AT_LEAST_ONE,
+    "loss.snr_gamma": ABOVE_ZERO,
+    "loss.noise_offset": NOT_NEGATIVE,
+    "data.resolution": AT_LEAST_ONE,
+    "data.batch_size": AT_LEAST_ONE,
+    "data.bucket_step": AT_LEAST_ONE,
+    "data.bucket_min_side": AT_LEAST_ONE,
+    "data.bucket_max_side": AT_LEAST_ONE,
+    "data.bucket_max_ratio": AT_LEAST_ONE,
+    "data.max_pixels": AT_LEAST_ONE,
+    "data.caption_dropout": PROBABILITY,
+    "data.conditioning_dropout": PROBABILITY,
+    "data.keep_tokens": NOT_NEGATIVE,
+    "data.holdout": NOT_NEGATIVE,
+    "data.num_workers": NOT_NEGATIVE,
+    "data.weight": ABOVE_ZERO,
+    "validation.every_n_steps": NOT_NEGATIVE,
+    "validation.num_inference_steps": AT_LEAST_ONE,
+    "validation.images_per_prompt": AT_LEAST_ONE,
+    "validation.guidance_scale": NOT_NEGATIVE,
+    "checkpoint.every_n_steps": NOT_NEGATIVE,
+    "checkpoint.keep_last": (lambda value: value >= -1, "must be -1 (keep all) or more"),
+    "trainer.accumulate_grad_batches": AT_LEAST_ONE,
+    "trainer.num_nodes": AT_LEAST_ONE,
+    # -1: no step limit (then max_epochs ends the run), as in Lightning
+    "trainer.max_steps": (lambda value: value >= 1 or value == -1, "must be at least 1 (or -1: no limit)"),
+    "trainer.max_epochs": (lambda value: value >= 1 or value == -1, "must be at least 1 (or -1: no limit)"),
+}
+
+
+def check_values(cfg: Any, section: str | None = None) -> None:
+    """Choices and number ranges: of a whole config, or of one section given on its own
+    (`check_values(cfg.data, "data")`, as the data module and `finetune-data` have it)."""
+    if not OmegaConf.is_config(cfg):  # e.g. a DataConfig built in code
+        cfg = OmegaConf.structured(cfg)
+    for key, allowed in CHOICES.items():
+        value = _select(cfg, key, section)
+        if value is not _ABSENT and value not in allowed:
+            words = ", ".join(str(a) for a in allowed if a is not None)
+            raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    for key, (holds, words) in VALUE_RULES.items():
+        value = _select(cfg, key, section)
+        if value is not _ABSENT and value is not None and not holds(value):
+            raise ConfigError(f"{key}: {value} {words}")
+    for number, source in enumerate(_present(_select(cfg, "data.sources", section))):
+        if source.weight is not None and source.weight <= 0:
+            raise ConfigError(f"data.sources[{number}].weight: {source.weight} must be greater than 0")
+    for beta in _present(_select(cfg, "optim.betas", section)):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"optim.betas: {beta} must be at least 0 and below 1")
+
+
+_ABSENT = object()
+
+
+def _select(cfg: Any, key: str, section: str | None) -> Any:
+    """`key`'s value in `cfg` (the whole config, or the `section` node itself), or _ABSENT."""
+    if section is not None:
+        if not key.startswith(f"{section}."):
+            return _ABSENT
+        key = key.removeprefix(f"{section}.")
+    return OmegaConf.select(cfg, key, default=_ABSENT)
+
+
+def _present(value: Any) -> Any:
+    return () if value is _ABSENT or value is None else value
+
+
+def lightning_precisions() -> list[str]:
+    """Every value `lightning.Trainer(precision=...)` accepts, as text."""
+    import lightning as L
+
+    annotation = inspect.signature(L.Trainer.__init__).parameters["precision"].annotation
+    options = typing.get_args(annotation)
+    literals = [option for option in options if typing.get_origin(option) is typing.Literal]
+    return list(dict.fromkeys(str(value) for literal in literals for value in typing.get_args(literal)))
+
+
+def config_value(cfg: Any, key: str) -> Any:
+    """`cfg.key`, with an unset Hydra value (`???`) read as None so we can explain it ourselves."""
+    try:
+        return getattr(cfg, key)
+    except MissingMandatoryValue:
+        return None

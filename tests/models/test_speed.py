@@ -1,0 +1,82 @@
+"""Speed settings: optimizers by name, attention kernels, channels-last and compile, as config keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose_config, fast_overrides
+from omegaconf import OmegaConf
+
+from finetune.config.errors import ConfigError
+from finetune.config.schema import OptimConfig
+from finetune.train import train
+from finetune.training.optimizers import build_optimizer
+
+
+def _parameters() -> list[torch.nn.Parameter]:
+    return list(torch.nn.Linear(4, 4).parameters())
+
+
+def test_adamw_is_fused_only_when_asked_or_on_cuda() -> None:
+    cfg = OmegaConf.structured(OptimConfig)
+    assert build_optimizer(cfg, _parameters()).defaults["fused"] is False  # CPU parameters
+    cfg.fused = True
+    assert build_optimizer(cfg, _parameters()).defaults["fused"] is True
+
+
+def test_adafactor_comes_from_transformers_with_our_learning_rate() -> None:
+    from transformers.optimization import Adafactor
+
+    cfg = OmegaConf.structured(OptimConfig(name="adafactor", lr=3e-4))
+    optimizer = build_optimizer(cfg, _parameters())
+    assert isinstance(optimizer, Adafactor) and optimizer.defaults["lr"] == 3e-4
+    assert optimizer.defaults["relative_step"] is False
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.name=lion", "optim.name: 'lion' is not one of adamw, adamw_8bit, adafactor, prodigy"),
+        ("model.attention=flash", "model.attention: 'flash' is not one of sdpa, xformers, eager"),
+    ],
+)
+def test_unknown_speed_choices_fail_before_the_model_loads(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    cfg = compose_config(fast_overrides(tmp_path / "never", tmp_path / "run") + [override])
+    with pytest.raises(ConfigError, match=message):
+        train(cfg)
+
+
+def test_a_missing_optional_optimizer_package_is_named(tmp_path: Path, monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "prodigyopt" else real(name)
+    )
+    cfg = compose_config(fast_overrides(tmp_path / "never", tmp_path / "run") + ["optim.name=prodigy"])
+    with pytest.raises(ConfigError, match="pip install prodigyopt"):
+        train(cfg)
+
+
+@pytest.mark.slow
+def test_eager_attention_channels_last_and_adafactor_train(tiny_model: Path, tmp_path: Path) -> None:
+    overrides = fast_overrides(tiny_model, tmp_path / "run", steps=2) + [
+        "model.attention=eager",
+        "model.channels_last=true",
+        "optim.name=adafactor",
+        "optim.lr=1e-3",
+        "validation.every_n_steps=0",
+    ]
+    run = train(compose_config(overrides))
+    unet = run.module.unet
+    processors = {type(p).__name__ for p in unet.attn_processors.values()}
+    assert processors == {"AttnProcessor"}
+    conv = unet.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    lora_b = [p for n, p in unet.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # zero-initialised, so non-zero means it trained
+    assert (run.run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
