@@ -46,14 +46,6 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
 
 
-def with_controlnet(pipe: Any, controlnet: Any) -> Any:
-    from finetune.models.loading import with_controlnet as controlled_by
-
-    controlled = controlled_by(pipe, controlnet)
-    controlled.set_progress_bar_config(disable=True)
-    return controlled
-
-
 def control_images(cfg: DictConfig) -> list[tuple[str, Any]]:
     """(name, image) for `control_image` (a file or a folder), fitted to the output size and, with a
     `preprocessor`, turned into its conditioning image (e.g. a photo into its edges)."""
@@ -85,7 +77,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     """Generate `count` images per prompt; returns the PNG paths (existing files are never replaced)."""
     import torch
 
-    from finetune.models.loading import load_pipeline
+    from finetune.models.loading import load_pipeline, with_controlnet
     from finetune.tiny.builder import ensure_tiny_model
     from finetune.validation.samples import sampler_from
 
@@ -109,6 +101,7 @@ def generate(cfg: DictConfig) -> list[Path]:
 
         controlnet = read_controlnet(str(cfg.controlnet), cfg.controlnet_config).to(dtype)
         pipe = with_controlnet(pipe, controlnet)
+        pipe.set_progress_bar_config(disable=True)
         controls = control_images(cfg)
         extra["controlnet_conditioning_scale"] = float(cfg.controlnet_scale)
     elif cfg.control_image:

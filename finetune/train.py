@@ -51,6 +51,7 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.models.sharding import full_weights
     from finetune.models.speed import apply_speed_settings, set_matmul_precision, uses_cuda
     from finetune.tiny.builder import ensure_tiny_model
+    from finetune.training.callbacks import in_step_order
     from finetune.training.loggers import build_loggers, log_config, log_exports
     from finetune.training.methods import build_method
     from finetune.training.module import DiffusionModule
@@ -73,7 +74,7 @@ def train(cfg: DictConfig) -> RunResult:
     ensure_tiny_model(cfg.model)
     components = load_components(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
     method = build_method(cfg.method)
-    method.prepare(components)
+    components = method.prepare(components)
     apply_speed_settings(components, cfg.model)
     datamodule = CaptionedImageDataModule(cfg.data, components.prompts.captions, cfg.seed, scan=data_scan)
     module = DiffusionModule(components, method, cfg.loss, cfg.optim)
@@ -92,8 +93,9 @@ def train(cfg: DictConfig) -> RunResult:
         **trainer_args,
         plugins=[SafeCheckpointIO(allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))],
         logger=loggers or False,
-        # the method's callbacks (EMA) run before sampling, which then sees their result
-        callbacks=_callbacks(cfg, run_dir) + method.callbacks() + [samples, *_validation_metrics(cfg)],
+        callbacks=in_step_order(
+            _callbacks(cfg, run_dir) + method.callbacks() + [samples, *_validation_metrics(cfg)]
+        ),
     )
     log.info("training %s on %d images from %s", method.summary(), num_images, components.source)
     # weights_only reaches the strategies that load checkpoints without our CheckpointIO (fsdp).
@@ -175,7 +177,7 @@ def _callbacks(cfg: DictConfig, run_dir: Path) -> list:
     checkpoints = run_dir / "checkpoints"
     callbacks = [
         DataCachePass(),
-        DataReport(run_dir / "data_report.json"),  # after the cache pass, which may drop images
+        DataReport(run_dir / "data_report.json"),
         RandomStates(),
         StepCheckpoint(
             dirpath=checkpoints,

@@ -7,6 +7,90 @@ when the config is composed — before any model is loaded — with a message na
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from finetune.config.errors import ConfigError
+
+
+class Choice(str, Enum):
+    """A config value that must be one of a few words: OmegaConf rejects any other when the config is
+    composed, naming the key and the choices. Members compare equal to, and print as, their words."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def of(cls, value: Any, key: str) -> Choice:
+        """`value` as a member, or one line naming `key` and the choices: for values that did not come
+        through a typed config (finetune-generate's options, code that builds configs itself)."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(cls)}") from None
+
+
+class PredictionType(Choice):
+    epsilon = "epsilon"
+    v_prediction = "v_prediction"
+
+
+class Attention(Choice):
+    sdpa = "sdpa"  # PyTorch's fused attention
+    xformers = "xformers"  # when installed
+    eager = "eager"
+
+
+class Source(Choice):
+    folder = "folder"
+    hf = "hf"
+
+
+class Crop(Choice):
+    center = "center"
+    random = "random"
+
+
+class MissingCaption(Choice):
+    skip = "skip"
+    empty = "empty"
+    default = "default"
+    error = "error"
+
+
+class CacheMode(Choice):
+    none = "none"
+    memory = "memory"
+    disk = "disk"
+
+
+class Optimizer(Choice):
+    adamw = "adamw"
+    adamw_8bit = "adamw_8bit"  # bitsandbytes
+    adafactor = "adafactor"  # transformers
+    prodigy = "prodigy"  # prodigyopt
+
+
+class LRSchedule(Choice):
+    """After `optim.warmup_steps` of linear warmup."""
+
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class Sampler(Choice):
+    """Samplers for validation images and finetune-generate (the training noise schedule is DDPM)."""
+
+    euler = "euler"
+    euler_a = "euler_a"
+    ddim = "ddim"
+    dpmpp_2m = "dpmpp_2m"
 
 
 @dataclass
@@ -22,10 +106,9 @@ class ModelConfig:
     build_tiny: bool = False
     resolution: int = 512
     # null: take it from the scheduler config (epsilon for SD 1.x, v_prediction for SD 2.x 768).
-    prediction_type: str | None = None
+    prediction_type: PredictionType | None = None
     gradient_checkpointing: bool = False
-    # Speed: sdpa (PyTorch's fused attention) | xformers (when installed) | eager
-    attention: str = "sdpa"
+    attention: Attention = Attention.sdpa
     # NHWC convolutions. Off: on an H200 the eager SD1.5 LoRA step was slower with it (GroupNorm).
     channels_last: bool = False
     tf32: bool = True  # TF32 matmuls for float32 work on Ampere and newer GPUs
@@ -79,7 +162,7 @@ class ControlNetMethodConfig:
 class SourceConfig:
     """Where captioned images come from: `source=folder` (path) or `source=hf` (name)."""
 
-    source: str = "folder"
+    source: Source = Source.folder
     path: str | None = None
     name: str | None = None  # hub id, save_to_disk folder, or .parquet / .arrow file(s)
     split: str = "train"
@@ -104,7 +187,7 @@ class DataConfig(SourceConfig):
     sources: list[SourceConfig] = field(default_factory=list)
     streaming: bool = False  # hf only: read the dataset as a stream (too big for disk)
     resolution: int = 512
-    crop: str = "center"  # center | random
+    crop: Crop = Crop.center
     random_flip: bool = True
     # Aspect-ratio buckets: equal-area sizes around `resolution`, each batch from one bucket.
     buckets: bool = False
@@ -113,7 +196,7 @@ class DataConfig(SourceConfig):
     bucket_max_side: int | None = None  # null: resolution * 2
     bucket_max_ratio: float = 4.0  # longest / shortest side
     # Captions
-    missing_caption: str = "empty"  # skip | empty | default | error
+    missing_caption: MissingCaption = MissingCaption.empty
     default_caption: str = ""
     caption_prefix: str = ""  # e.g. a trigger word: "zkz style, "
     caption_suffix: str = ""
@@ -131,7 +214,7 @@ class DataConfig(SourceConfig):
     upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
     verify: bool = False  # decode every image while scanning (slower; catches truncated files up front)
     # Caching of VAE latents and text-encoder outputs
-    cache: str = "none"  # none | memory | disk
+    cache: CacheMode = CacheMode.none
     cache_dir: str | None = None  # disk cache; null: ~/.cache/finetune/latents
     # Images kept out of training (chosen by seed) for the validation loss (`validation.loss_timesteps`)
     holdout: int = 0
@@ -144,20 +227,20 @@ class DataConfig(SourceConfig):
 
 @dataclass
 class LossConfig:
-    prediction_type: str | None = None  # null: the scheduler's (overrides model.prediction_type)
+    prediction_type: PredictionType | None = None  # null: the scheduler's (overrides model.prediction_type)
     snr_gamma: float | None = None  # min-SNR-gamma weighting; 5.0 is the paper's choice
     noise_offset: float = 0.0
 
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | adamw_8bit (bitsandbytes) | adafactor (transformers) | prodigy (prodigyopt)
+    name: Optimizer = Optimizer.adamw
     fused: bool | None = None  # AdamW's fused kernel; null: on CUDA
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8
-    scheduler: str = "constant"  # after `warmup_steps` of linear warmup: constant | cosine | linear …
+    scheduler: LRSchedule = LRSchedule.constant
     warmup_steps: int = 0
     # Steps with a NaN/inf loss or gradient are skipped; this many in a row stop the run.
     max_nonfinite_in_a_row: int = 5
@@ -173,7 +256,7 @@ class ValidationConfig:
     seed: int = 0
     images_per_prompt: int = 1
     # Sampler for the validation images (the training noise schedule is unchanged).
-    scheduler: str | None = "euler"
+    scheduler: Sampler | None = Sampler.euler
     # Validation loss on the `data.holdout` images: the same timesteps and noise every time, so that
     # runs and steps compare; logged as val/loss at every sample step.
     loss_timesteps: list[int] = field(default_factory=lambda: [100, 300, 500, 700, 900])

@@ -1,4 +1,5 @@
-"""Value checks: each key whose value must be one of a few words, or a number in a known range.
+"""Value checks: each number whose range is known (the keys that take one of a few words are Enum
+fields of the schema, which OmegaConf checks when the config is composed).
 
 They run before anything heavy (`checks.check_config`), and the data module runs the `data` ones on
 its own config, so a bad value is one line naming the key, whichever command reads it.
@@ -12,23 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from omegaconf import OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from finetune.config.errors import ConfigError
-
-# Keys whose value must be one of a few words; checked before anything heavy happens.
-CHOICES = {
-    "data.source": ("folder", "hf"),
-    "data.crop": ("center", "random"),
-    "data.missing_caption": ("skip", "empty", "default", "error"),
-    "data.cache": ("none", "memory", "disk"),
-    "optim.scheduler": ("constant", "cosine", "linear", "cosine_with_restarts", "polynomial"),
-    "loss.prediction_type": (None, "epsilon", "v_prediction"),
-    "model.prediction_type": (None, "epsilon", "v_prediction"),
-    "validation.scheduler": (None, "euler", "euler_a", "ddim", "dpmpp_2m"),
-    "model.attention": ("sdpa", "xformers", "eager"),
-}
-
 
 Rule = tuple[Callable[[Any], bool], str]
 ABOVE_ZERO: Rule = (lambda value: value > 0, "must be greater than 0")
@@ -80,15 +67,14 @@ VALUE_RULES: dict[str, Rule] = {
 
 
 def check_values(cfg: Any, section: str | None = None) -> None:
-    """Choices and number ranges: of a whole config, or of one section given on its own
+    """Number ranges: of a whole config, or of one section given on its own
     (`check_values(cfg.data, "data")`, as the data module and `finetune-data` have it)."""
-    if not OmegaConf.is_config(cfg):  # e.g. a DataConfig built in code
-        cfg = OmegaConf.structured(cfg)
-    for key, allowed in CHOICES.items():
-        value = _select(cfg, key, section)
-        if value is not _ABSENT and value not in allowed:
-            words = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"{key}: '{value}' is not one of {words}")
+    if not OmegaConf.is_config(cfg):  # e.g. a DataConfig built in code: its types are checked here
+        try:
+            cfg = OmegaConf.structured(cfg)
+        except ValidationError as error:
+            key = f"{section}.{error.full_key}" if section else error.full_key
+            raise ConfigError(f"{key}: {str(error.msg).splitlines()[0]}") from None
     for key, (holds, words) in VALUE_RULES.items():
         value = _select(cfg, key, section)
         if value is not _ABSENT and value is not None and not holds(value):

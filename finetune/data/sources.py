@@ -10,14 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.errors import DataError
+from finetune.config.schema import MissingCaption, Source
 from finetune.config.values import config_value
 from finetune.data.folder import attach_parallel_conditioning, scan_folder
 from finetune.data.hf import find_in_hf
 from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.data.records import ScanResult, Skipped
-
-SOURCES = ("folder", "hf")
-MISSING_CAPTION = ("skip", "empty", "default", "error")
 
 
 def find_records(cfg: Any, screen: bool = True) -> ScanResult:
@@ -65,7 +63,7 @@ def _scan_source(cfg: Any) -> ScanResult:
     elif source == "hf":
         found = find_in_hf(cfg)
     else:
-        raise DataError(f"data.source: '{source}' is not one of {', '.join(SOURCES)}")
+        raise DataError(f"data.source: '{source}' is not one of {', '.join(Source)}")
     if cfg.conditioning_path:
         attach_parallel_conditioning(found, Path(str(cfg.conditioning_path)).expanduser())
     return found
@@ -90,8 +88,7 @@ def _folder_root(cfg: Any) -> Path:
 
 def apply_caption_policy(result: ScanResult, policy: str, default: str) -> None:
     """Give records without a caption one (or skip them), as `data.missing_caption` says."""
-    if policy not in MISSING_CAPTION:
-        raise DataError(f"data.missing_caption: '{policy}' is not one of {', '.join(MISSING_CAPTION)}")
+    policy = MissingCaption.of(policy, "data.missing_caption")
     missing = [record for record in result.records if record.caption is None]
     result.uncaptioned_keys = [record.key for record in missing]
     if not missing:

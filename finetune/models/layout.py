@@ -4,6 +4,7 @@ folder, or a hub model already in the local cache) or a single file's key names.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +12,19 @@ from typing import Any
 DEFAULT_VAE_FACTOR = 8
 
 
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """How many pixels one latent spans per side, from a VAE's config: it halves the image once per
+    block after the first (8 for SD 1.x, 2.x and XL; 2 for the tiny model)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def vae_factor(model: Any) -> int:
-    """How many pixels make one latent: from `vae/config.json` of a local folder or a cached hub
-    model; SD's 8 for anything else (single files, hub ids not yet downloaded)."""
+    """`vae_scale_factor` of `model.pretrained` without loading it: from `vae/config.json` of a local
+    folder or a cached hub model; SD's 8 for anything else (single files, hub ids not yet downloaded)."""
     config = _vae_config_file(str(model.pretrained or ""), model.revision)
     if config is None:
         return DEFAULT_VAE_FACTOR
-    channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
-    return 2 ** (len(channels) - 1)
+    return vae_scale_factor(json.loads(config.read_text()))
 
 
 def _vae_config_file(pretrained: str, revision: str | None) -> Path | None:

@@ -30,19 +30,19 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from finetune.config.errors import ConfigError
-from finetune.config.schema import ModelConfig
-from finetune.models.layout import index_is_sdxl
+from finetune.config.schema import ModelConfig, PredictionType
+from finetune.models.layout import index_is_sdxl, vae_scale_factor
 from finetune.models.prompts import PromptEncoder
 
 log = logging.getLogger(__name__)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Components:
-    """The parts of an SD or SDXL pipeline that training needs."""
+    """The parts of an SD or SDXL pipeline that training needs. Frozen: a method that adds a model
+    returns new components (`dataclasses.replace`), so what a run trains is what `prepare` returned."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -62,6 +62,11 @@ class Components:
     def prompts(self) -> PromptEncoder:
         """The text side: what tokenizes and encodes captions for this model."""
         return PromptEncoder(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2)
+
+    @property
+    def vae_factor(self) -> int:
+        """How many pixels one latent spans per side."""
+        return vae_scale_factor(self.vae.config)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
@@ -256,9 +261,8 @@ def is_sdxl_folder(source: str, revision: str | None = None) -> bool:
 
 def set_prediction_type(scheduler: DDPMScheduler, prediction_type: str) -> None:
     """Override what the U-Net predicts (the scheduler config is the source of truth)."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ConfigError(f"prediction_type: '{prediction_type}' is not one of {', '.join(PREDICTION_TYPES)}")
-    scheduler.register_to_config(prediction_type=prediction_type)
+    kind = PredictionType.of(prediction_type, "prediction_type")
+    scheduler.register_to_config(prediction_type=kind.value)
 
 
 def weight_dtype_for(precision: str | int | None) -> torch.dtype:

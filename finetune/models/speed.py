@@ -11,12 +11,9 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from finetune.config.errors import ConfigError
-from finetune.config.values import CHOICES
+from finetune.config.schema import Attention
 
 log = logging.getLogger(__name__)
-
-ATTENTION = CHOICES["model.attention"]
 
 
 def uses_cuda(accelerator: str) -> bool:
@@ -48,12 +45,11 @@ def apply_speed_settings(components: Any, cfg: Any) -> None:
         log.info("model.compile: the first steps compile the U-Net and are slow; later steps are faster")
 
 
-def set_attention(model: torch.nn.Module, kind: str) -> None:
-    if kind == "xformers":
+def set_attention(model: torch.nn.Module, kind: Attention | str) -> None:
+    kind = Attention.of(kind, "model.attention")
+    if kind == Attention.xformers:
         model.enable_xformers_memory_efficient_attention()
-    elif kind == "sdpa":
+    elif kind == Attention.sdpa:
         model.set_attn_processor(AttnProcessor2_0())
-    elif kind == "eager":
-        model.set_attn_processor(AttnProcessor())
     else:
-        raise ConfigError(f"model.attention: '{kind}' is not one of {', '.join(ATTENTION)}")
+        model.set_attn_processor(AttnProcessor())

@@ -96,3 +96,28 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         if trainer.max_steps <= 0:
             super().on_train_epoch_end(trainer, module)
+
+
+def in_step_order(callbacks: list[L.Callback]) -> list[L.Callback]:
+    """The callbacks in the order their hooks must run, whatever order they were given in.
+
+    At the end of a step: first what changes the weights (the method's EMA update), then what
+    measures them (sample grids, validation loss, FID/KID), then what saves them (checkpoints, the
+    stop on a signal), so a grid and a checkpoint of step k both see step k's EMA. When training
+    starts, the cache pre-pass runs before the data report, which lists what it dropped. Lightning
+    itself moves ModelCheckpoint last; this makes the rest of the rule hold too.
+    """
+    from finetune.checkpointing.checkpoints import StepCheckpoint
+    from finetune.checkpointing.interrupt import StopOnSignal
+    from finetune.validation.fidelity import HoldoutFidelity
+    from finetune.validation.loss import ValidationLoss
+    from finetune.validation.samples import SampleGrid
+
+    ranks = ((DataCachePass,), (DataReport,), (), (SampleGrid, ValidationLoss, HoldoutFidelity))
+    ranks += ((StepCheckpoint, StopOnSignal),)
+    default = 2  # everything else: the method's callbacks, monitors, the progress bar, user callbacks
+
+    def rank(callback: L.Callback) -> int:
+        return next((i for i, kinds in enumerate(ranks) if kinds and isinstance(callback, kinds)), default)
+
+    return sorted(callbacks, key=rank)  # stable: the given order within a rank

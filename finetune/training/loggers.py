@@ -40,7 +40,7 @@ def previous_wandb_run(save_dir: Path) -> tuple[str, Path] | None:
 
 def log_config(loggers: list[Logger], cfg: DictConfig) -> None:
     """Send the resolved config, secrets masked, to every logger."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     masked = mask_secrets(plain)
     # The first call starts each logger's run; W&B records the command line then, which may hold a token.
     with masked_argv():

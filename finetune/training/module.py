@@ -10,7 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
 from finetune.config.files import check_finite
-from finetune.config.schema import LossConfig, OptimConfig
+from finetune.config.schema import LossConfig, LRSchedule, OptimConfig
 from finetune.models.loading import Components
 from finetune.models.prompts import TextConditioning, size_conditioning
 from finetune.models.sharding import gradient_norm, is_sharded, shard_models
@@ -80,7 +80,7 @@ class DiffusionModule(L.LightningModule):
         else:
             text = self.encode_text(batch["input_ids"], batch.get("input_ids_2"))
         if self.components.is_sdxl:
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            factor = self.components.vae_factor
             target = (latents.shape[-2] * factor, latents.shape[-1] * factor)
             sizes = size_conditioning(
                 batch["original_size"], batch["crop_top_left"], target, text.hidden.dtype
@@ -185,7 +185,7 @@ class DiffusionModule(L.LightningModule):
         optimizer = build_optimizer(cfg, self.trainable_parameters())
         scheduler = get_scheduler(
             # diffusers' "constant" ignores warmup; ours always honours `warmup_steps`.
-            "constant_with_warmup" if cfg.scheduler == "constant" else cfg.scheduler,
+            "constant_with_warmup" if cfg.scheduler == LRSchedule.constant else str(cfg.scheduler),
             optimizer,
             num_warmup_steps=cfg.warmup_steps,
             num_training_steps=self.trainer.estimated_stepping_batches,

@@ -8,16 +8,19 @@ from typing import Any
 import torch
 
 from finetune.config.errors import ConfigError
+from finetune.config.schema import Optimizer
 
-# Optimizers from optional packages: name → the package that provides it.
-OPTIONAL = {"adamw_8bit": "bitsandbytes", "adafactor": "transformers", "prodigy": "prodigyopt"}
-OPTIMIZERS = ("adamw", *OPTIONAL)
+# Optimizers from optional packages: the package that provides each.
+OPTIONAL = {
+    Optimizer.adamw_8bit: "bitsandbytes",
+    Optimizer.adafactor: "transformers",
+    Optimizer.prodigy: "prodigyopt",
+}
 
 
-def check_optimizer(name: str) -> None:
+def check_optimizer(name: Optimizer | str) -> None:
     """Fail before any model loads when the optimizer is unknown or its package is missing."""
-    if name not in OPTIMIZERS:
-        raise ConfigError(f"optim.name: '{name}' is not one of {', '.join(OPTIMIZERS)}")
+    name = Optimizer.of(name, "optim.name")
     package = OPTIONAL.get(name)
     if package and importlib.util.find_spec(package) is None:
         raise ConfigError(f"optim.name: '{name}' needs the {package} package — pip install {package}")

@@ -23,9 +23,8 @@ from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
 
 from finetune.checkpointing.rng import forked_rng
-from finetune.config.errors import ConfigError
 from finetune.config.files import save_png
-from finetune.config.schema import ValidationConfig
+from finetune.config.schema import Sampler, ValidationConfig
 from finetune.models.devices import on_device
 from finetune.models.sharding import runs_sampling
 from finetune.validation.clip_score import SampleClipScore
@@ -38,10 +37,10 @@ log = logging.getLogger(__name__)
 MIN_TILE_SIZE = 128
 
 SAMPLERS = {
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "ddim": DDIMScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
+    Sampler.euler: EulerDiscreteScheduler,
+    Sampler.euler_a: EulerAncestralDiscreteScheduler,
+    Sampler.ddim: DDIMScheduler,
+    Sampler.dpmpp_2m: DPMSolverMultistepScheduler,
 }
 
 
@@ -49,11 +48,7 @@ def sampler_from(noise_scheduler: Any, name: str | None) -> Any:
     """An inference scheduler sharing the training schedule's betas and prediction type."""
     if name is None:
         return noise_scheduler
-    if name not in SAMPLERS:
-        raise ConfigError(
-            f"validation.scheduler: unknown sampler '{name}' — choose one of {', '.join(SAMPLERS)}"
-        )
-    return SAMPLERS[name].from_config(noise_scheduler.config)
+    return SAMPLERS[Sampler.of(name, "scheduler")].from_config(noise_scheduler.config)
 
 
 def pipeline_from(module: L.LightningModule, sampler: str | None) -> StableDiffusionPipeline:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, compose_config, fast_overrides
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from finetune.config.errors import ConfigError, DataError
 from finetune.train import train
@@ -61,24 +62,46 @@ def test_every_lightning_trainer_argument_is_a_config_key() -> None:
 
 
 @pytest.mark.parametrize(
-    "override, key",
+    "override, key, choices",
     [
-        ("data.crop=middle", "data.crop"),
-        ("optim.scheduler=steep", "optim.scheduler"),
-        ("data.source=s3", "data.source"),
-        ("trainer.precision=16-mixed", "trainer.precision"),
+        ("data.crop=middle", "data.crop", "[center, random]"),
+        ("optim.scheduler=steep", "optim.scheduler", "[constant, cosine, linear, cosine_with_restarts, poly"),
+        ("data.source=s3", "data.source", "[folder, hf]"),
+        ("data.cache=ram", "data.cache", "[none, memory, disk]"),
+        ("data.missing_caption=drop", "data.missing_caption", "[skip, empty, default, error]"),
+        ("model.attention=flash", "model.attention", "[sdpa, xformers, eager]"),
+        ("model.prediction_type=x0", "model.prediction_type", "[epsilon, v_prediction]"),
+        ("optim.name=sgd", "optim.name", "[adamw, adamw_8bit, adafactor, prodigy]"),
+        ("validation.scheduler=heun", "validation.scheduler", "[euler, euler_a, ddim, dpmpp_2m]"),
     ],
 )
-def test_bad_choices_are_one_line_config_errors(
-    tiny_model: Path, tmp_path: Path, override: str, key: str
+def test_a_word_that_is_not_a_choice_fails_when_the_config_is_composed(
+    override: str, key: str, choices: str
 ) -> None:
+    """Choices are Enum fields of the schema: OmegaConf refuses any other word, naming the key and the
+    choices, before anything runs."""
+    with pytest.raises(ConfigCompositionException) as error:
+        compose_config(["model.build_tiny=true", override])
+    message = str(error.value) + str(error.value.__cause__)
+    assert f"full_key: {key}" in message and f"expected one of {choices}" in message
+
+
+def test_choices_read_and_print_as_their_words() -> None:
+    cfg = compose_config(["data.crop=random", "validation.scheduler=null"])
+    assert cfg.data.crop == "random" and f"{cfg.data.crop}" == "random" and str(cfg.data.crop) == "random"
+    assert cfg.validation.scheduler is None
+    assert OmegaConf.to_container(cfg.data, enum_to_str=True)["crop"] == "random"
+
+
+def test_a_bad_precision_is_a_one_line_config_error(tiny_model: Path, tmp_path: Path) -> None:
     cfg = compose_config(
-        fast_overrides(tmp_path / "never", tmp_path / "run") + ["model.build_tiny=true", override]
+        fast_overrides(tmp_path / "never", tmp_path / "run")
+        + ["model.build_tiny=true", "trainer.precision=16-mixed"]
     )
     with pytest.raises(ConfigError) as error:
         train(cfg)
     message = str(error.value)
-    assert message.startswith(key) and "\n" not in message
+    assert message.startswith("trainer.precision") and "\n" not in message
     assert not (tmp_path / "never").exists()
 
 

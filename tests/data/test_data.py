@@ -173,7 +173,9 @@ def test_folder_errors_are_one_line_and_name_the_key(tmp_path):
     assert "data.path: 'nowhere/at/all' does not exist" in _error(data_cfg(path="nowhere/at/all"))
     empty = _error(data_cfg(path=str(tmp_path)))
     assert "no usable images" in empty and ".png" in empty and ".txt" in empty and "metadata.jsonl" in empty
-    assert "data.source: 'ftp'" in _error(data_cfg(source="ftp", path=str(tmp_path)))
+    assert "data.source: Invalid value 'ftp', expected one of [folder, hf]" in _error(
+        data_cfg(source="ftp", path=str(tmp_path))
+    )
 
     (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "caption": "x"}) + "\n")
     message = _error(data_cfg(path=str(tmp_path)))

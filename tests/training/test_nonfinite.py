@@ -136,8 +136,7 @@ def _prepared(tiny_model, tmp_path, method: list[str]):
     cfg = compose_config(fast_overrides(tiny_model, tmp_path / "run") + method)
     components = load_components(cfg.model, torch_module.float32)
     built = build_method(cfg.method)
-    built.prepare(components)
-    return components, built
+    return built.prepare(components), built
 
 
 def _poison_one(parameters) -> None:

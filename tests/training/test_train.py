@@ -136,7 +136,7 @@ def test_loss_falls_when_overfitting_a_few_images(tiny_model: Path, tmp_path: Pa
 
     # The same fixed noise and timesteps before and after: only the weights differ.
     components = load_components(cfg.model)
-    build_method(cfg.method).prepare(components)
+    components = build_method(cfg.method).prepare(components)
     datamodule = CaptionedImageDataModule(cfg.data, components.tokenizer)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))

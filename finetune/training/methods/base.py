@@ -17,8 +17,9 @@ class Method(Protocol):
 
     name: str
 
-    def prepare(self, components: Components) -> None:
-        """Freeze the base, attach whatever trains (adapters, a ControlNet …)."""
+    def prepare(self, components: Components) -> Components:
+        """Freeze the base and make what trains: adapters attached to its models, or a new model (the
+        ControlNet), returned in the components the method trains (the given ones are not changed)."""
 
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         """Modules whose `requires_grad` parameters train."""

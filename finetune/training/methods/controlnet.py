@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,6 @@ log = logging.getLogger(__name__)
 _EMBEDDING_CHANNELS = (16, 32, 96, 256)
 
 
-def vae_factor(components: Components) -> int:
-    """How many pixels one latent spans per side (8 for SD; 2 for the tiny model)."""
-    return 2 ** (len(components.vae.config.block_out_channels) - 1)
-
-
 def embedding_channels(factor: int) -> tuple[int, ...]:
     """`conditioning_embedding_out_channels` whose downsampling equals the VAE's `factor`."""
     steps = int(math.log2(factor))
@@ -40,7 +36,7 @@ def embedding_channels(factor: int) -> tuple[int, ...]:
 def load_controlnet(cfg: ControlNetMethodConfig, components: Components) -> ControlNetModel:
     """From `method.pretrained` (folder, hub id or single file), or a copy of the base U-Net's encoder."""
     if cfg.pretrained is None:
-        channels = embedding_channels(vae_factor(components))
+        channels = embedding_channels(components.vae_factor)
         return ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=channels)
     from finetune.export.controlnet_file import read_controlnet
 
@@ -55,7 +51,7 @@ class ControlNetMethod:
     def __init__(self, cfg: ControlNetMethodConfig) -> None:
         self.cfg = cfg
 
-    def prepare(self, components: Components) -> None:
+    def prepare(self, components: Components) -> Components:
         cfg = self.cfg
         controlnet = load_controlnet(cfg, components).to(torch.float32)
         if cfg.lora_rank:
@@ -67,7 +63,7 @@ class ControlNetMethod:
         if cfg.unet_lora_rank:
             add_lora(components.unet, cfg.unet_lora_rank, None, cfg.lora_target_modules)
         controlnet.train()
-        components.controlnet = controlnet
+        return replace(components, controlnet=controlnet)
 
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         return [components.controlnet] + ([components.unet] if self.cfg.unet_lora_rank else [])

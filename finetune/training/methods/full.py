@@ -62,7 +62,7 @@ class FullMethod:
         self.ema: EMAModel | None = None
         self.unet: UNet2DConditionModel | None = None
 
-    def prepare(self, components: Components) -> None:
+    def prepare(self, components: Components) -> Components:
         unet = components.unet
         unet.to(torch.float32).requires_grad_(True)
         self.unet = unet
@@ -75,6 +75,7 @@ class FullMethod:
                 model_cls=UNet2DConditionModel,
                 model_config=unet.config,
             )
+        return components  # its U-Net now trains
 
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         return [components.unet]

@@ -50,7 +50,7 @@ class LoraMethod:
     def __init__(self, cfg: LoraMethodConfig) -> None:
         self.cfg = cfg
 
-    def prepare(self, components: Components) -> None:
+    def prepare(self, components: Components) -> Components:
         cfg = self.cfg
         add_lora(components.unet, cfg.rank, cfg.alpha, cfg.target_modules, cfg.dropout, cfg.init_weights)
         if cfg.train_text_encoder:  # SDXL: both text encoders
@@ -66,6 +66,7 @@ class LoraMethod:
                 )
                 if components.unet.is_gradient_checkpointing:
                     text_encoder.gradient_checkpointing_enable()
+        return components  # the adapters live inside its models
 
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         if self.cfg.train_text_encoder:
