@@ -237,6 +237,9 @@ class OptimConfig:
     name: Optimizer = Optimizer.adamw
     fused: bool | None = None  # AdamW's fused kernel; null: on CUDA
     lr: float = 1e-4
+    text_encoder_lr: float | None = None  # null: optim.lr; the text encoders' rate when their LoRA trains
+    # LoRA+: LoRA's B (up) matrices learn at lr times this (16 is the paper's choice); null: off
+    loraplus_ratio: float | None = None
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
     eps: float = 1e-8

@@ -33,6 +33,8 @@ VALUE_RULES: dict[str, Rule] = {
     "method.ema_decay": PROBABILITY,
     "method.ema_power": ABOVE_ZERO,
     "optim.lr": ABOVE_ZERO,
+    "optim.text_encoder_lr": ABOVE_ZERO,
+    "optim.loraplus_ratio": ABOVE_ZERO,
     "optim.eps": ABOVE_ZERO,
     "optim.weight_decay": NOT_NEGATIVE,
     "optim.warmup_steps": NOT_NEGATIVE,

@@ -22,7 +22,7 @@ from finetune.training.nonfinite import (
     grad_scaler_skips_inf,
     judge_deepspeed_step,
 )
-from finetune.training.optimizers import build_optimizer
+from finetune.training.optimizers import build_optimizer, parameter_groups
 
 
 class DiffusionModule(L.LightningModule):
@@ -182,7 +182,8 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         cfg = self.optim_cfg
-        optimizer = build_optimizer(cfg, self.trainable_parameters())
+        modules = self.method.trainable_modules(self.components)
+        optimizer = build_optimizer(cfg, parameter_groups(modules, self.components.text_encoders, cfg))
         scheduler = get_scheduler(
             # diffusers' "constant" ignores warmup; ours always honours `warmup_steps`.
             "constant_with_warmup" if cfg.scheduler == LRSchedule.constant else str(cfg.scheduler),

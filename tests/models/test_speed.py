@@ -15,8 +15,8 @@ from finetune.train import train
 from finetune.training.optimizers import build_optimizer
 
 
-def _parameters() -> list[torch.nn.Parameter]:
-    return list(torch.nn.Linear(4, 4).parameters())
+def _parameters() -> list[dict]:
+    return [{"params": list(torch.nn.Linear(4, 4).parameters())}]
 
 
 def test_adamw_is_fused_only_when_asked_or_on_cuda() -> None:

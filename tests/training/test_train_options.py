@@ -85,3 +85,34 @@ def test_sdxl_recipe_is_the_sd15_one_on_sdxl_at_1024_px() -> None:
     assert cfg.model.pretrained == "stabilityai/stable-diffusion-xl-base-1.0"
     assert cfg.data.resolution == 1024 and cfg.data.buckets and cfg.data.cache == "memory"
     assert cfg.trainer.precision == "bf16-mixed" and cfg.method.rank == 16 and cfg.name == "sdxl_style_lora"
+
+
+def test_loraplus_and_the_text_encoder_rate_give_each_weight_its_learning_rate(tiny_model, tmp_path):
+    """optim.loraplus_ratio multiplies the B matrices' rate (LoRA+), optim.text_encoder_lr sets the text
+    encoder's; every trainable weight is in exactly one group, and the run trains with those groups."""
+    overrides = fast_overrides(tiny_model, tmp_path, steps=1) + [
+        "method.train_text_encoder=true",
+        "optim.lr=1e-4",
+        "optim.text_encoder_lr=5e-5",
+        "optim.loraplus_ratio=16",
+        "validation.every_n_steps=0",
+        "checkpoint.every_n_steps=0",
+    ]
+    result = train(compose_config(overrides))
+    module = result.module
+    optimizer = module.trainer.optimizers[0]
+    lr_of = {id(p): group["initial_lr"] for group in optimizer.param_groups for p in group["params"]}
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    assert len(lr_of) == len(named) == sum(len(g["params"]) for g in optimizer.param_groups)
+    expected = {
+        ("unet", "lora_A"): 1e-4,
+        ("unet", "lora_B"): 16e-4,
+        ("text_encoder", "lora_A"): 5e-5,
+        ("text_encoder", "lora_B"): 80e-5,
+    }
+    seen = set()
+    for name, parameter in named:
+        key = (name.split(".")[0], "lora_B" if ".lora_B." in name else "lora_A")
+        assert lr_of[id(parameter)] == pytest.approx(expected[key]), name
+        seen.add(key)
+    assert seen == set(expected)
