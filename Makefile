@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for make test (tests/conftest.py splits the cores between them)
+TEST_WORKERS ?= 2
 
 .PHONY: train test bench lint clean
 
@@ -20,7 +22,7 @@ train: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/lint-imports --no-cache
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # Debian's Chromium and its driver, for the dashboard test (tests/training/test_dashboard.py). Nothing to do
 # when they are installed; installed with apt-get when missing and we are root (CI); otherwise a note,

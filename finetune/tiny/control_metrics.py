@@ -45,24 +45,30 @@ def placement_iou(
     steps: int = 20,
     guidance: float = 7.5,
     seed: int = 0,
+    batch_size: int = 16,
 ) -> dict[str, float]:
-    """Mean object-mask IoU between samples and scenes, with the scenes' conditions and with blank ones."""
+    """Mean object-mask IoU between samples and scenes, with the scenes' conditions and with blank ones.
+
+    Scenes are sampled in batches (one generator per scene, so a sample does not depend on the batching)."""
+    conditions = [condition_of(scene) for scene, _ in scenes]
+    blanks = [Image.new("RGB", condition.size) for condition in conditions]
     results = {}
-    for name, blank in (("with_condition", False), ("blank_condition", True)):
+    for name, images in (("with_condition", conditions), ("blank_condition", blanks)):
         ious = []
-        for index, (scene, caption) in enumerate(scenes):
-            condition = condition_of(scene)
-            if blank:
-                condition = Image.new("RGB", condition.size)
-            sample = pipe(
-                caption,
-                image=condition,
+        for start in range(0, len(scenes), batch_size):
+            batch = range(start, min(start + batch_size, len(scenes)))
+            samples = pipe(
+                [scenes[i][1] for i in batch],
+                image=[images[i] for i in batch],
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=scene.height,
-                width=scene.width,
-                generator=torch.Generator("cpu").manual_seed(seed + index),
-            ).images[0]
-            ious.append(mask_iou(object_mask(sample), object_mask(scene)))
+                height=scenes[start][0].height,
+                width=scenes[start][0].width,
+                generator=[torch.Generator("cpu").manual_seed(seed + i) for i in batch],
+            ).images
+            ious += [
+                mask_iou(object_mask(sample), object_mask(scenes[i][0]))
+                for sample, i in zip(samples, batch, strict=True)
+            ]
         results[name] = float(np.mean(ious))
     return results
