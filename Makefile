@@ -22,7 +22,7 @@ train: $(STAMP)
 
 test: $(STAMP) browser
 	$(BIN)/lint-imports --no-cache
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Debian's Chromium and its driver, for the dashboard test (tests/training/test_dashboard.py). Nothing to do
 # when they are installed; installed with apt-get when missing and we are root (CI); otherwise a note,

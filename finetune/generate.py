@@ -73,6 +73,29 @@ def control_images(cfg: DictConfig) -> list[tuple[str, Any]]:
     return out
 
 
+def _fuse_if_lycoris(pipe: Any, adapter: Path, scale: float) -> bool:
+    """A LoHa or LoKr adapter (a kohya-layout file, or a folder with only that file), which diffusers does
+    not load, is fused into the pipeline's weights at `scale`; returns whether it was."""
+    from safetensors import safe_open
+
+    from finetune.export.lora import DEFAULT_KOHYA_NAME, DIFFUSERS_WEIGHT_NAME
+    from finetune.export.lora_apply import fuse_file, pipeline_models
+    from finetune.export.lora_file import read_lora_file
+
+    if adapter.is_dir():
+        if (adapter / DIFFUSERS_WEIGHT_NAME).exists() or not (adapter / DEFAULT_KOHYA_NAME).exists():
+            return False
+        adapter = adapter / DEFAULT_KOHYA_NAME
+    if adapter.suffix != ".safetensors":
+        return False
+    with safe_open(adapter, "pt") as handle:
+        if not any(".hada_" in key or ".lokr_" in key for key in handle.keys()):
+            return False
+    changed = fuse_file(pipeline_models(pipe), read_lora_file(adapter), scale, key="adapter")
+    log.info("adapter: %d LoHa/LoKr layers of %s fused into the weights at scale %s", changed, adapter, scale)
+    return True
+
+
 def generate(cfg: DictConfig) -> list[Path]:
     """Generate `count` images per prompt; returns the PNG paths (existing files are never replaced)."""
     import torch
@@ -93,8 +116,9 @@ def generate(cfg: DictConfig) -> list[Path]:
             raise ConfigError(
                 f"adapter: '{adapter}' does not exist — give an adapter folder or .safetensors file"
             )
-        pipe.load_lora_weights(str(adapter))
-        extra["cross_attention_kwargs"] = {"scale": float(cfg.adapter_scale)}
+        if not _fuse_if_lycoris(pipe, adapter, float(cfg.adapter_scale)):
+            pipe.load_lora_weights(str(adapter))
+            extra["cross_attention_kwargs"] = {"scale": float(cfg.adapter_scale)}
     controls: list[tuple[str, object]] = [("", None)]
     if cfg.controlnet:
         from finetune.export.controlnet_file import read_controlnet

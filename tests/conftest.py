@@ -118,9 +118,13 @@ def run_module(module: str, args: list[str], cwd: Path = REPO, returncode: int |
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `gpu` skip, with the reason shown, where CUDA is missing."""
+    """Tests marked `gpu` skip, with the reason shown, where CUDA is missing. The long end-to-end runs
+    (`slow`) go first: `make test` hands whole files to its xdist workers as they free up
+    (`--dist loadfile`, so a module's fixtures are built once), files with long tests first, so the
+    workers finish together."""
     import torch
 
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -116,49 +116,6 @@ class ModelConfig:
 
 
 @dataclass
-class LoraMethodConfig:
-    """LoRA adapters through peft (`method=lora`)."""
-
-    name: str = "lora"
-    rank: int = 8
-    alpha: float | None = None  # null: alpha = rank (scale 1.0)
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train_text_encoder: bool = False
-    text_encoder_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
-    init_weights: str = "gaussian"
-
-
-@dataclass
-class FullMethodConfig:
-    """Full U-Net fine-tuning (`method=full`), with an exponential moving average of the weights."""
-
-    name: str = "full"
-    ema: bool = True
-    ema_decay: float = 0.9999  # the ceiling; with warmup the decay starts low and rises towards it
-    ema_warmup: bool = True
-    ema_power: float = 0.6666667  # warmup: decay = 1 - (1 + step) ** -power
-    save_single_file: bool = True  # also write model.safetensors in the original (A1111/ComfyUI) layout
-
-
-@dataclass
-class ControlNetMethodConfig:
-    """A ControlNet beside the frozen base U-Net (`method=controlnet`)."""
-
-    name: str = "controlnet"
-    # null: initialise from the base U-Net's encoder; else a hub id, folder or single file to continue.
-    pretrained: str | None = None
-    pretrained_config: str | None = None  # a single file's architecture: a folder with its config.json
-    conditioning_scale: float = 1.0
-    lora_rank: int | None = None  # train a LoRA on the ControlNet instead of all its weights
-    unet_lora_rank: int | None = None  # also train a LoRA on the base U-Net
-    lora_target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    save_single_file: bool = True  # also write controlnet.safetensors in the original (A1111/ComfyUI) layout
-
-
-@dataclass
 class SourceConfig:
     """Where captioned images come from: `source=folder` (path) or `source=hf` (name)."""
 

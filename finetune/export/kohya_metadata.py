@@ -7,7 +7,6 @@ import datetime
 import hashlib
 import os
 import re
-from collections import Counter
 
 import safetensors.torch
 import torch
@@ -68,19 +67,22 @@ def finish_time(trained_at: str | None = None) -> datetime.datetime:
 
 
 def kohya_metadata(
-    common: dict[str, str], state_dict: dict[str, torch.Tensor], unet: torch.nn.Module, default_title: str
+    common: dict[str, str],
+    state_dict: dict[str, torch.Tensor],
+    unet: torch.nn.Module,
+    default_title: str,
+    network: dict[str, str],
 ) -> dict[str, str]:
-    """The header kohya sd-scripts writes (`ss_*`, `sshs_*`) plus the SAI model spec (`modelspec.*`)."""
-    ranks = Counter(v.shape[0] for k, v in state_dict.items() if k.endswith(".lora_down.weight"))
-    alphas = Counter(round(v.item(), 6) for k, v in state_dict.items() if k.endswith(".alpha"))
+    """The header kohya sd-scripts writes (`ss_*`, `sshs_*`) plus the SAI model spec (`modelspec.*`).
+
+    `network`: the adapter's `ss_network_module`, `ss_network_dim`, `ss_network_alpha` (and
+    `ss_network_args`)."""
     prediction = common.get("prediction_type")
     version, architecture, implementation = _base_model_version(unet, prediction)
     data_hash = _tensor_data_sha256(state_dict)
     finished = finish_time(common.get("trained_at"))
     computed = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(ranks.most_common(1)[0][0]),
-        "ss_network_alpha": str(float(alphas.most_common(1)[0][0])),
+        **network,
         "ss_base_model_version": version,
         "ss_v2": str(version.startswith("sd_v2")),
         "ss_training_finished_at": str(finished.timestamp()),

@@ -1,11 +1,14 @@
-"""Export trained LoRA adapters: a diffusers file and a kohya-format file, both with metadata.
+"""Export trained adapters of the LoRA family: a diffusers file and a kohya-layout file, with metadata.
 
 `<run_dir>/adapter/` gets:
   pytorch_lora_weights.safetensors  diffusers layout (`unet.…`, `text_encoder.…`), what
                                     `StableDiffusionPipeline.save_lora_weights` writes and
                                     `load_lora_weights(dir)` reads back, rank/alpha included.
-  lora_kohya.safetensors            kohya sd-scripts layout (`lora_unet_…`, `lora_te_…`), what
-                                    A1111 / ComfyUI load; also `load_lora_weights(dir, weight_name=…)`.
+                                    LoRA, LoCon and DoRA only: diffusers loads no LoHa or LoKr for
+                                    these U-Nets, so for those it is left out, and the log says so.
+  lora_kohya.safetensors            kohya / LyCORIS layout (`lora_unet_…`, `lora_te_…`,
+                                    `finetune.export.kohya_layout`), what A1111 and ComfyUI load for
+                                    every algorithm; LoRA also `load_lora_weights(dir, weight_name=…)`.
 Tensors keep the adapter's dtype (float32 in this project) unless `dtype` is given; kohya `.alpha`
 tensors are 0-dim float32. Every header value is a string.
 """
@@ -13,23 +16,32 @@ tensors are 0-dim float32. Every header value is a string.
 from __future__ import annotations
 
 import json
-import math
+import logging
 import shutil
-from collections.abc import Iterator
+from collections import Counter
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME_SAFE
-from peft.tuners.lora import LoraLayer
+from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
 from finetune.config.errors import ExportExistsError
 from finetune.config.files import atomic_dir, check_finite
+from finetune.export.kohya_layout import (
+    ADAPTER_NAME,
+    adapted_layers,
+    classic_path,
+    kohya_state_dict,
+    layer_rank_alpha,
+    prepare_tensor,
+)
 from finetune.export.kohya_metadata import kohya_metadata, merge_metadata
 
-ADAPTER_NAME = "default"
+log = logging.getLogger(__name__)
+
 DIFFUSERS_WEIGHT_NAME = LORA_WEIGHT_NAME_SAFE  # "pytorch_lora_weights.safetensors"
 DEFAULT_KOHYA_NAME = "lora_kohya.safetensors"
 
@@ -46,7 +58,8 @@ def export_lora(
     overwrite: bool = False,
     adapter_name: str = ADAPTER_NAME,
 ) -> dict[str, Path]:
-    """Write the diffusers and kohya files into `out_dir`; returns {"diffusers": path, "kohya": path}.
+    """Write the diffusers and kohya files into `out_dir`; returns {"diffusers": path, "kohya": path}
+    ("diffusers" only for the algorithms diffusers loads).
 
     `metadata` (string values: base_model, steps, resolution, num_train_images, …) goes into both
     headers verbatim; rank, alpha and target modules come from the peft config on the models.
@@ -59,10 +72,16 @@ def export_lora(
     # Build everything before touching the disk, so that a bad model or metadata leaves nothing behind.
     models = adapted_models(unet, text_encoder, text_encoder_2)
     common = _common_metadata(metadata, models, adapter_name)
-    kohya_sd = kohya_state_dict(unet, text_encoder, text_encoder_2, adapter_name=adapter_name, dtype=dtype)
-    kohya_header = kohya_metadata(common, kohya_sd, unet, Path(kohya_name).stem)
+    kohya_sd = kohya_state_dict(models, adapter_name=adapter_name, dtype=dtype)
+    unet_config = _peft_config(unet, adapter_name)
+    kohya_header = kohya_metadata(
+        common, kohya_sd, unet, Path(kohya_name).stem, network_args(unet, adapter_name)
+    )
+    diffusers_loads = isinstance(unet_config, LoraConfig)  # LoRA, LoCon, DoRA
     layers = {
-        f"{prefix}_lora_layers": _diffusers_layers(model, adapter_name, dtype) for prefix, model in models
+        f"{prefix}_lora_layers": _diffusers_layers(model, adapter_name, dtype)
+        for prefix, model in models
+        if diffusers_loads
     }
     for name, tensors in {"kohya": kohya_sd, **layers}.items():
         check_finite(tensors, f"export ({name})")
@@ -76,17 +95,28 @@ def export_lora(
     with atomic_dir(out_dir, replace=overwrite) as folder:
         if overwrite and out_dir.is_dir():
             shutil.copytree(out_dir, folder, dirs_exist_ok=True)
-        # diffusers packs the key prefixes; our save_function adds our header.
-        pipeline.save_lora_weights(
-            save_directory=folder,
-            **layers,
-            weight_name=DIFFUSERS_WEIGHT_NAME,
-            save_function=lambda weights, name: safetensors.torch.save_file(
-                weights, name, metadata=diffusers_header
-            ),
-        )
+        if layers:
+            # diffusers packs the key prefixes; our save_function adds our header.
+            pipeline.save_lora_weights(
+                save_directory=folder,
+                **layers,
+                weight_name=DIFFUSERS_WEIGHT_NAME,
+                save_function=lambda weights, name: safetensors.torch.save_file(
+                    weights, name, metadata=diffusers_header
+                ),
+            )
         safetensors.torch.save_file(kohya_sd, folder / kohya_name, metadata=kohya_header)
-    return {"diffusers": out_dir / DIFFUSERS_WEIGHT_NAME, "kohya": out_dir / kohya_name}
+    written = {"kohya": out_dir / kohya_name}
+    if layers:
+        written["diffusers"] = out_dir / DIFFUSERS_WEIGHT_NAME
+    else:
+        log.warning(
+            "%s not written: diffusers loads no %s adapter for this U-Net; %s is for A1111 and ComfyUI",
+            DIFFUSERS_WEIGHT_NAME,
+            unet_config.peft_type.value,
+            kohya_name,
+        )
+    return written
 
 
 def adapted_models(
@@ -97,75 +127,12 @@ def adapted_models(
     return [(prefix, model) for prefix, model in models if model is not None]
 
 
-def kohya_state_dict(
-    unet: torch.nn.Module,
-    text_encoder: torch.nn.Module | None = None,
-    text_encoder_2: torch.nn.Module | None = None,
-    *,
-    adapter_name: str = ADAPTER_NAME,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """LoRA weights in kohya's layout: `lora_unet_<path with . → _>.lora_down.weight` / `.lora_up.weight`
-    / `.alpha`, and `lora_te_…` for the text encoder (classic `text_model.` CLIP paths); SDXL's two
-    text encoders are `lora_te1_…` and `lora_te2_…`."""
-    out: dict[str, torch.Tensor] = {}
-    sdxl = text_encoder_2 is not None
-    kohya = {
-        "unet": "lora_unet",
-        "text_encoder": "lora_te1" if sdxl else "lora_te",
-        "text_encoder_2": "lora_te2",
-    }
-    for diffusers_prefix, model in adapted_models(unet, text_encoder, text_encoder_2):
-        prefix = kohya[diffusers_prefix]
-        config = _peft_config(model, adapter_name)
-        if config.use_dora or config.lora_bias:
-            raise ValueError("kohya export supports plain LoRA only (no DoRA, no lora_bias)")
-        for path, layer in _lora_layers(model, adapter_name):
-            name = f"{prefix}_{_classic_path(model, path).replace('.', '_')}"
-            rank = layer.r[adapter_name]
-            # kohya scales by alpha / rank; rsLoRA scales by alpha / sqrt(rank): store the equivalent.
-            alpha = layer.lora_alpha[adapter_name] * (math.sqrt(rank) if config.use_rslora else 1.0)
-            # peft's lora_A / lora_B have exactly kohya's lora_down / lora_up shapes (conv too).
-            out[f"{name}.lora_down.weight"] = _prepare(layer.lora_A[adapter_name].weight, dtype)
-            out[f"{name}.lora_up.weight"] = _prepare(layer.lora_B[adapter_name].weight, dtype)
-            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-    if not any(key.startswith("lora_unet_") for key in out):
-        raise ValueError(f"the U-Net has no LoRA adapter {adapter_name!r} to export")
-    return out
-
-
-def _lora_layers(model: torch.nn.Module, adapter_name: str) -> Iterator[tuple[str, LoraLayer]]:
-    for path, module in model.named_modules():
-        if not isinstance(module, LoraLayer) or adapter_name not in module.r:
-            continue
-        if adapter_name not in module.lora_A:  # e.g. an nn.Embedding adapter: no kohya equivalent
-            raise ValueError(f"cannot export LoRA on {path} ({type(module).__name__}) to kohya format")
-        yield path.removeprefix("base_model.model."), module  # a PeftModel wrapper adds this prefix
-
-
-def _classic_path(model: torch.nn.Module, path: str) -> str:
-    """Module path as in the classic CLIPTextModel layout (`text_model.encoder…`).
-
-    transformers 5 flattened CLIPTextModel (no `.text_model`), but kohya, A1111, ComfyUI and older
-    diffusers all name text-encoder LoRA keys from the classic layout.
-    """
-    flat_clip = not hasattr(model, "text_model") and all(hasattr(model, a) for a in ("encoder", "embeddings"))
-    if flat_clip and not path.startswith("text_projection"):
-        return f"text_model.{path}"
-    return path
-
-
 def _diffusers_layers(model: torch.nn.Module, adapter_name: str, dtype: torch.dtype | None) -> dict:
     peft_sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
     # Keys stay in peft form (`….lora_A.weight`), as diffusers' own `save_lora_adapter` writes them.
     # Not `convert_state_dict_to_diffusers`: it renames only attention keys, and diffusers' U-Net
     # loader looks at the first key alone to pick a format, so a mix silently drops the other half.
-    return {_classic_path(model, key): _prepare(value, dtype) for key, value in peft_sd.items()}
-
-
-def _prepare(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    tensor = tensor.detach().to("cpu")
-    return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+    return {classic_path(model, key): prepare_tensor(value, dtype) for key, value in peft_sd.items()}
 
 
 def _peft_config(model: torch.nn.Module, adapter_name: str):
@@ -193,9 +160,39 @@ def _common_metadata(
         config = _peft_config(model, adapter_name)
         name = "" if prefix == "unet" else f"{prefix}_"  # the U-Net's are plain rank / alpha
         computed[f"{name}rank"] = str(config.r)
-        computed[f"{name}alpha"] = str(config.lora_alpha)
+        computed[f"{name}alpha"] = str(config.lora_alpha if isinstance(config, LoraConfig) else config.alpha)
         computed[f"{name}target_modules"] = _targets(config)
     return merge_metadata(dict(metadata), computed)
+
+
+def network_args(unet: torch.nn.Module, adapter_name: str = ADAPTER_NAME) -> dict[str, str]:
+    """What kohya's header says of the network: its module, rank, alpha and the algorithm's arguments
+    (LyCORIS's names, as `lycoris.kohya` writes them); A1111 and ComfyUI read the weights' own keys."""
+    config = _peft_config(unet, adapter_name)
+    algo = {"LORA": "lora", "LOHA": "loha", "LOKR": "lokr"}[config.peft_type.value]
+    dora = getattr(config, "use_dora", False)
+    linear, conv = Counter(), Counter()  # (rank, alpha) of each adapted layer
+    for _, layer in adapted_layers(unet, adapter_name):
+        is_conv = isinstance(layer.get_base_layer(), torch.nn.Conv2d)
+        (conv if is_conv else linear)[layer_rank_alpha(layer, adapter_name)] += 1
+    rank, alpha = (linear or conv).most_common(1)[0][0]
+    args: dict[str, str] = {} if algo == "lora" and not dora else {"algo": algo}
+    if conv:
+        conv_rank, conv_alpha = conv.most_common(1)[0][0]
+        args.update(conv_dim=str(conv_rank), conv_alpha=str(float(conv_alpha)))
+    if dora:
+        args["dora_wd"] = "True"
+    if algo == "lokr":
+        args.update(factor=str(config.decompose_factor), decompose_both=str(config.decompose_both))
+    header = {
+        # kohya's own LoRA (LoCon included) or LyCORIS's network, as each tool names it
+        "ss_network_module": "lycoris.kohya" if "algo" in args else "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(float(alpha)),
+    }
+    if args:
+        header["ss_network_args"] = json.dumps(args)
+    return header
 
 
 def _lora_adapter_metadata(models: list[tuple[str, torch.nn.Module]], adapter_name: str) -> str:

@@ -13,6 +13,8 @@ from omegaconf import OmegaConf
 from finetune.config.errors import ConfigError
 from finetune.config.values import check_values, lightning_precisions
 from finetune.models.layout import is_sdxl_model, vae_factor
+from finetune.training.methods.adapters import check_algo
+from finetune.training.methods.lora import read_init_from
 
 
 def check_config(cfg: Any) -> None:
@@ -29,6 +31,9 @@ def check_config(cfg: Any) -> None:
             raise ConfigError(
                 "data.streaming: not available with method=controlnet — set data.streaming=false"
             )
+    if OmegaConf.select(cfg, "method.name", default=None) == "lora":
+        check_algo(cfg.method, OmegaConf.select(cfg, "optim.loraplus_ratio", default=None))
+        read_init_from(cfg.method)  # the file is there, of the algorithm asked for
     if OmegaConf.select(cfg, "data.streaming", default=False):
         from finetune.data.streaming import check_streaming
 

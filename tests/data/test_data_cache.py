@@ -15,7 +15,7 @@ from finetune.data import CaptionedImageDataModule
 from finetune.data.images import FileImage
 from finetune.models.loading import load_components
 from finetune.train import train
-from finetune.training.methods.lora import add_lora
+from finetune.training.methods.adapters import add_lora
 
 
 @pytest.fixture(scope="module")

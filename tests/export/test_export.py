@@ -13,14 +13,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from finetune.config.errors import FinetuneError
+from finetune.export.kohya_layout import kohya_state_dict
 from finetune.export.lora import (
     DEFAULT_KOHYA_NAME,
     DIFFUSERS_WEIGHT_NAME,
     ExportExistsError,
+    adapted_models,
     export_lora,
-    kohya_state_dict,
 )
-from finetune.training.methods.lora import add_lora
+from finetune.training.methods.adapters import add_lora
 
 UNET_DEFAULT = ["to_q", "to_k", "to_v", "to_out.0"]
 # What users add beyond attention: linear and 1x1 / 3x3 convolutions in transformer and resnet blocks.
@@ -123,7 +124,7 @@ def test_text_encoder_and_wide_targets_reload(base: Path, tmp_path: Path, weight
 
 def test_kohya_key_layout(base: Path) -> None:
     trained = trained_pipeline(base, UNET_WIDE, rank=4, alpha=2, te_targets=TE_TARGETS)
-    sd = kohya_state_dict(trained.unet, trained.text_encoder)
+    sd = kohya_state_dict(adapted_models(trained.unet, trained.text_encoder))
 
     pattern = re.compile(r"^lora_(unet|te)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
     assert all(pattern.match(key) for key in sd), [key for key in sd if not pattern.match(key)]

@@ -148,7 +148,7 @@ def random_adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     from diffusers import StableDiffusionPipeline
 
     from finetune.export.lora import export_lora
-    from finetune.training.methods.lora import add_lora
+    from finetune.training.methods.adapters import add_lora
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     add_lora(pipe.unet, 4, 4, ["to_q", "to_k", "to_v", "to_out.0"])

@@ -250,7 +250,7 @@ def test_validation_conditioning_images_are_preprocessed_photos(tiny_model, tmp_
 
 @pytest.mark.parametrize("which", ["controlnet", "controlnet.safetensors"])
 def test_method_pretrained_continues_from_an_exported_controlnet(controlnet_run, tiny_model, tmp_path, which):
-    from finetune.config.schema import ControlNetMethodConfig
+    from finetune.config.methods import ControlNetMethodConfig
     from finetune.models.loading import load_components
     from finetune.training.methods.controlnet import ControlNetMethod
 

@@ -13,7 +13,12 @@ from safetensors.torch import load_file
 
 # method -> (extra overrides, a weight that starts at zero and must have trained, the export)
 METHODS = {
-    "lora": ([], "lora_B", "adapter/pytorch_lora_weights.safetensors"),
+    # DoRA on attention and convolutions: LoRA's pairs plus a magnitude per output channel
+    "dora": (
+        ["method.algo=dora", "method.conv_rank=4"],
+        "lora_B",
+        "adapter/pytorch_lora_weights.safetensors",
+    ),
     "controlnet": (["method=controlnet", "data.conditioning=canny"], "controlnet_mid_block", "controlnet"),
 }
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 # case -> (base model fixture, extra overrides, the exported weights file under the run folder)
 METHODS = {
-    "lora": ("tiny_model", [], "adapter/pytorch_lora_weights.safetensors"),
+    # LoHa on attention and convolutions (the ResNet blocks' convolutions are sharded with their block)
+    "loha": ("tiny_model", ["method.algo=loha", "method.conv_rank=4"], "adapter/lora_kohya.safetensors"),
     "controlnet": (
         "tiny_model",
         ["method=controlnet", "data.conditioning=canny"],
@@ -59,7 +60,7 @@ def test_fsdp_shards_the_trained_weights_and_trains_like_ddp(
     assert fsdp.keys() == ddp.keys() and fsdp
     for name in fsdp:
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-5, atol=1e-6, msg=name)
-    trained = [name for name in fsdp if "lora_B" in name or "controlnet_mid_block" in name]
+    trained = [name for name in fsdp if any(w in name for w in ("lora_B", "hada_w", "controlnet_mid_block"))]
     assert trained and any(fsdp[name].abs().sum() > 0 for name in trained)
 
     # The checkpoint is one file on rank 0 with whole trainable weights under the usual names.
@@ -78,15 +79,18 @@ def test_fsdp_shards_the_trained_weights_and_trains_like_ddp(
 
 @pytest.mark.slow
 def test_fsdp_resume_continues_exactly(tiny_model: Path, tmp_path: Path) -> None:
+    lokr = ["method.algo=lokr", "method.conv_rank=2"]  # LoKr's factors: parameters of their own, sharded too
     whole = tmp_path / "whole"
-    run_module("finetune.train", strategy_args(tiny_model, whole, "fsdp", steps=4))
+    run_module("finetune.train", strategy_args(tiny_model, whole, "fsdp", steps=4) + lokr)
     halves = tmp_path / "halves"
-    run_module("finetune.train", strategy_args(tiny_model, halves, "fsdp", steps=2))
-    done = run_module("finetune.train", strategy_args(tiny_model, halves, "fsdp", steps=4) + ["resume=auto"])
+    run_module("finetune.train", strategy_args(tiny_model, halves, "fsdp", steps=2) + lokr)
+    done = run_module(
+        "finetune.train", strategy_args(tiny_model, halves, "fsdp", steps=4) + lokr + ["resume=auto"]
+    )
     assert "continuing from" in done.stderr + done.stdout
 
-    expected = load_file(whole / "adapter" / "pytorch_lora_weights.safetensors")
-    resumed = load_file(halves / "exports" / "step_000004" / "adapter" / "pytorch_lora_weights.safetensors")
+    expected = load_file(whole / "adapter" / "lora_kohya.safetensors")
+    resumed = load_file(halves / "exports" / "step_000004" / "adapter" / "lora_kohya.safetensors")
     assert expected.keys() == resumed.keys()
     for name in expected:
         assert expected[name].equal(resumed[name]), name

@@ -191,3 +191,27 @@ def test_a_single_file_sdxl_checkpoint_is_refused_with_what_to_give_instead(tmp_
     cfg = compose_config(fast_overrides(checkpoint, tmp_path / "run"))
     with pytest.raises(ConfigError, match="single-file SDXL checkpoints are not supported yet"):
         check_config(cfg)
+
+
+def test_sdxl_lokr_on_the_unet_and_both_text_encoders_fuses_back_to_the_trained_model(
+    tiny_sdxl_model: Path, tmp_path: Path
+) -> None:
+    from finetune.export.lora_apply import fuse_file, pipeline_models
+    from finetune.export.lora_file import read_lora_file
+
+    overrides = sdxl_overrides(tiny_sdxl_model, tmp_path / "run", steps=2) + [
+        "method.train_text_encoder=true"
+    ]
+    overrides += ["method.algo=lokr", "method.rank=4", "method.alpha=2", "validation.every_n_steps=0"]
+    run = train(compose_config(overrides))
+    assert "diffusers" not in run.exported  # diffusers loads no LoKr for SDXL U-Nets
+    lora = read_lora_file(run.exported["kohya"])
+    assert lora.algo() == "lokr" and {name.split("_")[1] for name in lora.layers} == {"unet", "te1", "te2"}
+
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    run.module.eval()
+    trained = denoised(run.module.components, latents)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model)
+    assert not torch.allclose(denoised(pipe, latents), trained, atol=1e-4)
+    assert fuse_file(pipeline_models(pipe), lora, 1.0, key="test") == len(lora.layers)
+    torch.testing.assert_close(denoised(pipe, latents), trained, atol=2e-5, rtol=1e-4)

@@ -13,10 +13,10 @@ import torch
 from diffusers import ControlNetModel
 
 from finetune.config.errors import ConfigError
-from finetune.config.schema import ControlNetMethodConfig
+from finetune.config.methods import ControlNetMethodConfig
 from finetune.models.loading import Components
 from finetune.models.prompts import TextConditioning
-from finetune.training.methods.lora import add_lora
+from finetune.training.methods.adapters import add_lora
 
 log = logging.getLogger(__name__)
 

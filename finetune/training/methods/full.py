@@ -15,7 +15,7 @@ from diffusers.training_utils import EMAModel
 
 from finetune.config.errors import ExportExistsError
 from finetune.config.files import atomic_dir, check_finite
-from finetune.config.schema import FullMethodConfig
+from finetune.config.methods import FullMethodConfig
 from finetune.models.loading import Components
 from finetune.training.methods.base import unet_denoise
 

@@ -1,4 +1,4 @@
-"""LoRA adapters on the U-Net (and optionally the text encoder), through peft."""
+"""The LoRA family (`method.algo`) on the U-Net, and optionally the text encoders, through peft."""
 
 from __future__ import annotations
 
@@ -7,66 +7,64 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers.training_utils import cast_training_params
-from peft import LoraConfig
 
-from finetune.config.schema import LoraMethodConfig
+from finetune.config.errors import ConfigError
+from finetune.config.methods import LoraAlgo, LoraMethodConfig
+from finetune.export.lora_apply import attach_from_file, pipeline_models
+from finetune.export.lora_file import LoraFile, layers_for, read_lora_file
 from finetune.models.loading import Components
+from finetune.training.methods.adapters import adapter_config, attach, conv_rank
 from finetune.training.methods.base import unet_denoise
 
 
-def add_lora(
-    model: torch.nn.Module,
-    rank: int,
-    alpha: float | None,
-    target_modules: list[str],
-    dropout: float = 0.0,
-    init_weights: str | bool = "gaussian",
-    layers: list[int] | None = None,
-) -> None:
-    """Freeze `model` and attach a trainable float32 LoRA adapter named "default" (on the numbered
-    `layers` of a text encoder only, when given)."""
-    model.requires_grad_(False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha if alpha is not None else rank,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
-        init_lora_weights=init_weights,
-        layers_to_transform=layers,
-        layers_pattern="layers" if layers is not None else None,
-    )
-    model.add_adapter(config)
-    # peft creates the adapter in the base weights' dtype; train it in float32 (diffusers' advice).
-    cast_training_params(model, dtype=torch.float32)
-
-
 class LoraMethod:
-    """`method=lora`: LoRA on the U-Net, optionally on the text encoder too."""
+    """`method=lora`: an adapter of the LoRA family on the U-Net, optionally on the text encoders too."""
 
     name = "lora"
     denoise = staticmethod(unet_denoise)
 
     def __init__(self, cfg: LoraMethodConfig) -> None:
         self.cfg = cfg
+        self._init_file: LoraFile | None = None
+
+    def init_file(self) -> LoraFile | None:
+        """`method.init_from`, read once."""
+        if self._init_file is None and self.cfg.init_from is not None:
+            self._init_file = read_init_from(self.cfg)
+        return self._init_file
 
     def prepare(self, components: Components) -> Components:
         cfg = self.cfg
-        add_lora(components.unet, cfg.rank, cfg.alpha, cfg.target_modules, cfg.dropout, cfg.init_weights)
-        if cfg.train_text_encoder:  # SDXL: both text encoders
-            for text_encoder in components.text_encoders:
-                add_lora(
-                    text_encoder,
-                    cfg.rank,
-                    cfg.alpha,
-                    cfg.text_encoder_target_modules,
-                    cfg.dropout,
-                    cfg.init_weights,
-                    layers=_used_layers(text_encoder, components),
+        from_file = self.init_file()
+        taken = 0
+        for prefix, model in self._adapted(components):
+            if from_file is not None and (layers := layers_for(from_file, model, prefix)):
+                attach_from_file(model, from_file, layers)
+                taken += len(layers)
+            elif prefix == "lora_unet":
+                attach(model, adapter_config(cfg, cfg.target_modules, convs=True))
+            else:
+                text_layers = _used_layers(model, components)
+                attach(
+                    model,
+                    adapter_config(cfg, cfg.text_encoder_target_modules, convs=False, layers=text_layers),
                 )
-                if components.unet.is_gradient_checkpointing:
-                    text_encoder.gradient_checkpointing_enable()
+            if prefix != "lora_unet" and components.unet.is_gradient_checkpointing:
+                model.gradient_checkpointing_enable()
+        if from_file is not None and not any(name.startswith("lora_unet_") for name in from_file.layers):
+            raise ConfigError(f"method.init_from: {cfg.init_from} holds no U-Net layers")
+        if from_file is not None and taken < len(from_file.layers):
+            raise ConfigError(
+                f"method.init_from: {len(from_file.layers) - taken} layers of {cfg.init_from} fit no model "
+                "here (SD 1.x/2.x files name one text encoder lora_te_, SDXL files lora_te1_ and lora_te2_)"
+            )
         return components  # the adapters live inside its models
+
+    def _adapted(self, components: Components) -> list[tuple[str, torch.nn.Module]]:
+        """(kohya prefix, model) of each model that gets an adapter: the U-Net, and with
+        `train_text_encoder` the text encoder(s) (SDXL: both)."""
+        models = pipeline_models(components)
+        return models if self.cfg.train_text_encoder else models[:1]
 
     def trainable_modules(self, components: Components) -> list[torch.nn.Module]:
         if self.cfg.train_text_encoder:
@@ -80,13 +78,19 @@ class LoraMethod:
         return nullcontext()
 
     def summary(self) -> dict[str, Any]:
-        alpha = self.cfg.alpha if self.cfg.alpha is not None else self.cfg.rank
-        return {
-            "method": "lora",
-            "rank": self.cfg.rank,
-            "alpha": alpha,
-            "text_encoder": self.cfg.train_text_encoder,
-        }
+        cfg = self.cfg
+        rank, alpha = cfg.rank, cfg.alpha if cfg.alpha is not None else cfg.rank
+        from_file = self.init_file()
+        if from_file is not None:  # the file's rank and alpha are the adapter's
+            rank, alpha = from_file.common_rank(), from_file.common_alpha()
+        summary = {"method": "lora", "algo": str(cfg.algo), "rank": rank, "alpha": alpha}
+        summary["text_encoder"] = cfg.train_text_encoder
+        if from_file is not None:
+            summary["init_from"] = Path(cfg.init_from).name
+        elif conv_rank(cfg) is not None:
+            summary["conv_rank"] = conv_rank(cfg)
+            summary["conv_alpha"] = cfg.conv_alpha if cfg.conv_alpha is not None else conv_rank(cfg)
+        return summary
 
     def export(self, components: Components, run_dir: Path, metadata: dict[str, str]) -> dict[str, Path]:
         """`<run_dir>/adapter/`: the diffusers and the kohya file."""
@@ -100,6 +104,34 @@ class LoraMethod:
             text_encoder_2=components.text_encoder_2 if trained else None,
             metadata=metadata,
         )
+
+
+# `method.init_from`: the `method.algo` each algorithm of a file continues as (LoCon is LoRA with
+# convolution layers); LoKr files are not read into adapters yet.
+_SAME_FAMILY = {"lora": {LoraAlgo.lora, LoraAlgo.locon}, "dora": {LoraAlgo.dora}, "loha": {LoraAlgo.loha}}
+
+
+def read_init_from(cfg: LoraMethodConfig) -> LoraFile | None:
+    """The file of `method.init_from`, checked against the rest of the method config; None without one.
+    The file decides what trains: its layers, their ranks and alphas, and whether it is DoRA."""
+    if cfg.init_from is None:
+        return None
+    lora = read_lora_file(cfg.init_from)
+    found = lora.algo()
+    if found not in _SAME_FAMILY:
+        raise ConfigError(
+            f"method.init_from: {cfg.init_from} holds a {found} adapter, which cannot be continued yet"
+        )
+    if cfg.algo not in _SAME_FAMILY[found]:
+        raise ConfigError(
+            f"method.init_from: {cfg.init_from} holds a {found} adapter; set method.algo={found}"
+        )
+    if not cfg.train_text_encoder and any(not name.startswith("lora_unet_") for name in lora.layers):
+        raise ConfigError(
+            f"method.init_from: {cfg.init_from} trains the text encoder too; "
+            "set method.train_text_encoder=true"
+        )
+    return lora
 
 
 def _used_layers(text_encoder: torch.nn.Module, components: Components) -> list[int] | None:
