@@ -61,6 +61,23 @@ class MissingCaption(Choice):
     error = "error"
 
 
+class LossType(Choice):
+    l2 = "l2"
+    huber = "huber"  # pseudo-Huber: 2c(sqrt(d² + c²) - c)
+    smooth_l1 = "smooth_l1"  # 2(sqrt(d² + c²) - c)
+
+
+class HuberSchedule(Choice):
+    constant = "constant"
+    exponential = "exponential"  # from 1 at t=0 down to huber_c at the last timestep
+    snr = "snr"  # huber_c + (1 - huber_c) / (1 + sigma_t)²
+
+
+class TimestepSampling(Choice):
+    uniform = "uniform"
+    logit_normal = "logit_normal"  # more steps in the middle of the range
+
+
 class CacheMode(Choice):
     none = "none"
     memory = "memory"
@@ -187,6 +204,18 @@ class LossConfig:
     prediction_type: PredictionType | None = None  # null: the scheduler's (overrides model.prediction_type)
     snr_gamma: float | None = None  # min-SNR-gamma weighting; 5.0 is the paper's choice
     noise_offset: float = 0.0
+    # kohya's names: l2, or pseudo-Huber (`huber`) and `smooth_l1` with threshold huber_c, constant or
+    # shrinking with the noise level (exponential in the timestep, or by the SNR)
+    type: LossType = LossType.l2
+    huber_c: float = 0.1
+    huber_schedule: HuberSchedule = HuberSchedule.snr
+    debiased_estimation: bool = False  # weight 1/sqrt(SNR) (1/(SNR+1) for v-prediction), SNR at most 1000
+    input_perturbation: float = 0.0  # extra noise on the model's input only (0.1 in the paper)
+    min_timestep: int = 0
+    max_timestep: int | None = None  # null: the scheduler's number of training timesteps (exclusive)
+    timestep_sampling: TimestepSampling = TimestepSampling.uniform
+    logit_mean: float = 0.0  # logit_normal: timesteps = sigmoid(normal(mean, std)) of the range
+    logit_std: float = 1.0
 
 
 @dataclass

@@ -45,6 +45,11 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.max_nonfinite_in_a_row": AT_LEAST_ONE,
     "loss.snr_gamma": ABOVE_ZERO,
     "loss.noise_offset": NOT_NEGATIVE,
+    "loss.huber_c": (lambda value: 0 < value <= 1, "must be above 0 and at most 1"),
+    "loss.input_perturbation": NOT_NEGATIVE,
+    "loss.min_timestep": NOT_NEGATIVE,
+    "loss.max_timestep": AT_LEAST_ONE,
+    "loss.logit_std": ABOVE_ZERO,
     "data.resolution": AT_LEAST_ONE,
     "data.batch_size": AT_LEAST_ONE,
     "data.bucket_step": AT_LEAST_ONE,
@@ -88,6 +93,9 @@ def check_values(cfg: Any, section: str | None = None) -> None:
     for number, source in enumerate(_present(_select(cfg, "data.sources", section))):
         if source.weight is not None and source.weight <= 0:
             raise ConfigError(f"data.sources[{number}].weight: {source.weight} must be greater than 0")
+    low, high = _select(cfg, "loss.min_timestep", section), _select(cfg, "loss.max_timestep", section)
+    if high not in (None, _ABSENT) and low not in (None, _ABSENT) and low >= high:
+        raise ConfigError(f"loss.min_timestep: {low} must be below loss.max_timestep ({high})")
     for beta in _present(_select(cfg, "optim.betas", section)):
         if not 0 <= beta < 1:
             raise ConfigError(f"optim.betas: {beta} must be at least 0 and below 1")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
@@ -47,11 +49,81 @@ def min_snr_weights(
     return clipped / snr
 
 
-def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
+def sample_timesteps(
+    count: int,
+    num_train_timesteps: int,
+    cfg: Any,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Mean squared error in float32, optionally weighted per sample."""
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    """Training timesteps in [loss.min_timestep, loss.max_timestep): uniform, or logit-normal (a
+    sigmoid of a normal draw spread over the range, which puts more steps in its middle)."""
+    low = cfg.min_timestep
+    high = cfg.max_timestep if cfg.max_timestep is not None else num_train_timesteps
+    if not 0 <= low < high <= num_train_timesteps:
+        raise ValueError(f"timesteps [{low}, {high}) must lie in [0, {num_train_timesteps})")
+    if cfg.timestep_sampling == "logit_normal":
+        normal = torch.randn(count, generator=generator, device=device) * cfg.logit_std + cfg.logit_mean
+        return (low + torch.sigmoid(normal) * (high - low)).long().clamp(low, high - 1)
+    return torch.randint(low, high, (count,), generator=generator, device=device)
+
+
+def perturbed_noisy_latents(
+    scheduler: DDPMScheduler,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    extra: torch.Tensor | None,
+    strength: float,
+) -> torch.Tensor:
+    """The model's input: latents noised with `noise`, plus `strength` times `extra` noise when input
+    perturbation is on (Ning et al. 2023). The target stays `noise`: the model learns to look past the
+    extra, which narrows the gap between training inputs and its own samples."""
+    if strength and extra is not None:
+        noise = noise + strength * extra
+    return scheduler.add_noise(latents, noise, timesteps)
+
+
+def huber_thresholds(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, c: float, schedule: str
+) -> torch.Tensor:
+    """The per-sample threshold of the Huber-like losses: `c`; or exponential in the timestep, from 1
+    at t=0 down to `c` at the last; or by the noise level, c + (1 - c) / (1 + sigma)² with sigma =
+    sqrt((1 - ᾱ) / ᾱ), large for clean inputs and `c` for pure noise."""
+    steps = timesteps.float()
+    if schedule == "constant":
+        return torch.full_like(steps, c)
+    if schedule == "exponential":
+        return torch.exp(math.log(c) * steps / scheduler.config.num_train_timesteps)
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    sigmas = ((1 - alphas) / alphas).sqrt()
+    return c + (1 - c) / (1 + sigmas) ** 2
+
+
+def debiased_weights(scheduler: DDPMScheduler, timesteps: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Debiased estimation (kohya's `debiased_estimation_loss`): 1/sqrt(SNR), or 1/(SNR + 1) for
+    v-prediction, with the SNR capped at 1000 so the cleanest timesteps keep a weight."""
+    snr = compute_snr(scheduler, timesteps).clamp(max=1000)
+    return 1 / (snr + 1) if prediction_type == "v_prediction" else 1 / snr.sqrt()
+
+
+def diffusion_loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    loss_type: str = "l2",
+    thresholds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The mean per-element loss of each sample in float32 (squared error, or the Huber-like ones with
+    per-sample `thresholds`), optionally weighted per sample, then averaged."""
+    difference = prediction.float() - target.float()
+    if loss_type == "l2":
+        elementwise = difference.square()
+    else:
+        c = thresholds.float().view(-1, *[1] * (difference.dim() - 1))
+        smooth = (difference.square() + c.square()).sqrt() - c
+        elementwise = 2 * c * smooth if loss_type == "huber" else 2 * smooth
+    per_sample = elementwise.mean(dim=tuple(range(1, difference.dim())))
     if weights is not None:
         per_sample = per_sample * weights.float()
     return per_sample.mean()

@@ -14,7 +14,16 @@ from finetune.config.schema import LossConfig, LRSchedule, OptimConfig
 from finetune.models.loading import Components
 from finetune.models.prompts import TextConditioning, size_conditioning
 from finetune.models.sharding import gradient_norm, is_sharded, shard_models
-from finetune.training.losses import diffusion_loss, min_snr_weights, regression_target, sample_noise
+from finetune.training.losses import (
+    debiased_weights,
+    diffusion_loss,
+    huber_thresholds,
+    min_snr_weights,
+    perturbed_noisy_latents,
+    regression_target,
+    sample_noise,
+    sample_timesteps,
+)
 from finetune.training.methods.base import Method
 from finetune.training.nonfinite import (
     NonFiniteSteps,
@@ -97,25 +106,33 @@ class DiffusionModule(L.LightningModule):
     ) -> torch.Tensor:
         """The training objective on one batch; fixed `latents`/`noise`/`timesteps` make it comparable
         across steps and runs (the validation loss)."""
+        cfg, scheduler = self.loss_cfg, self.noise_scheduler
         if latents is None:
             latents = self.batch_latents(batch)
-        if noise is None:
-            noise = sample_noise(latents, self.loss_cfg.noise_offset)
+        extra = None
+        if noise is None:  # training draws its noise; the validation loss brings its own, fixed
+            noise = sample_noise(latents, cfg.noise_offset)
+            extra = torch.randn_like(noise) if cfg.input_perturbation else None
         if timesteps is None:
-            steps = self.noise_scheduler.config.num_train_timesteps
-            timesteps = torch.randint(0, steps, (latents.shape[0],), device=latents.device)
+            steps = scheduler.config.num_train_timesteps
+            timesteps = sample_timesteps(latents.shape[0], steps, cfg, latents.device)
         timesteps = timesteps.long().to(latents.device)
-        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        noisy_latents = perturbed_noisy_latents(
+            scheduler, latents, noise, timesteps, extra, cfg.input_perturbation
+        )
         text = self.batch_text(batch, latents)
         prediction = self.method.denoise(self.components, noisy_latents, timesteps, text, batch)
 
-        target = regression_target(self.noise_scheduler, latents, noise, timesteps, self.prediction_type)
-        weights = None
-        if self.loss_cfg.snr_gamma:
-            weights = min_snr_weights(
-                self.noise_scheduler, timesteps, self.loss_cfg.snr_gamma, self.prediction_type
-            )
-        return diffusion_loss(prediction, target, weights)
+        target = regression_target(scheduler, latents, noise, timesteps, self.prediction_type)
+        weights = torch.ones(latents.shape[0], device=latents.device)
+        if cfg.snr_gamma:
+            weights = weights * min_snr_weights(scheduler, timesteps, cfg.snr_gamma, self.prediction_type)
+        if cfg.debiased_estimation:
+            weights = weights * debiased_weights(scheduler, timesteps, self.prediction_type)
+        thresholds = None
+        if cfg.type != "l2":
+            thresholds = huber_thresholds(scheduler, timesteps, cfg.huber_c, cfg.huber_schedule)
+        return diffusion_loss(prediction, target, weights, cfg.type, thresholds)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch)

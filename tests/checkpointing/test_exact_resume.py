@@ -90,6 +90,15 @@ def _read_log(path: Path) -> dict[tuple[str, ...], set[tuple[str, str]]]:
     return seen
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(data, run folder, loss log) of the run every interrupted one must equal: made once for the module."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = _dataset(root / "data")
+    _train(tiny_model, root / "whole", data, root / "whole.log", [], returncode=0)
+    return data, root / "whole", root / "whole.log"
+
+
 def _plan_seed() -> int:
     """FINETUNE_TEST_SEED when set (to replay a failure), else a fresh seed."""
     return int(os.environ.get("FINETUNE_TEST_SEED") or random.randrange(10**6))
@@ -131,14 +140,12 @@ def test_the_kill_plan_replays_from_its_seed_and_a_failure_names_it(monkeypatch:
 
 
 @pytest.mark.slow
-def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_model, tmp_path):
+def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_model, tmp_path, uninterrupted):
     seed = _plan_seed()
     plan = _kill_plan(random.Random(seed))
     context = f"kill plan {plan} (FINETUNE_TEST_SEED={seed} repeats it)"
     print(context)  # pytest shows it with any failure, whichever assertion it is
-    data = _dataset(tmp_path / "data")
-
-    _train(tiny_model, tmp_path / "whole", data, tmp_path / "whole.log", [], returncode=0, context=context)
+    data, whole_dir, whole_log = uninterrupted
 
     run_dir, log = tmp_path / "run", tmp_path / "run.log"
     for step, moment in plan:
@@ -155,14 +162,15 @@ def test_killed_and_resumed_run_is_bitwise_equal_to_an_uninterrupted_one(tiny_mo
             assert list((run_dir / "checkpoints").glob(".*.tmp")), context  # the half-written file
     _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0, context=context)
 
-    _assert_same_run(run_dir, log, tmp_path / "whole", tmp_path / "whole.log", context)
+    _assert_same_run(run_dir, log, whole_dir, whole_log, context)
     assert not list((run_dir / "checkpoints").glob(".*.tmp")), context
 
 
 @pytest.mark.slow
-def test_a_slurm_requeue_signal_saves_at_the_step_boundary_requeues_and_resumes_exactly(tiny_model, tmp_path):
-    data = _dataset(tmp_path / "data")
-    _train(tiny_model, tmp_path / "whole", data, tmp_path / "whole.log", [], returncode=0)
+def test_a_slurm_requeue_signal_saves_at_the_step_boundary_requeues_and_resumes_exactly(
+    tiny_model, tmp_path, uninterrupted
+):
+    data, whole_dir, whole_log = uninterrupted
 
     # One SLURM task, as srun starts it; `scontrol` is a stand-in that records what it was asked.
     bin_dir, asked = tmp_path / "bin", tmp_path / "scontrol.txt"
@@ -194,4 +202,4 @@ def test_a_slurm_requeue_signal_saves_at_the_step_boundary_requeues_and_resumes_
     assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning's mid-step save did not happen
 
     _train(tiny_model, run_dir, data, log, ["resume=auto"], returncode=0, **slurm)
-    _assert_same_run(run_dir, log, tmp_path / "whole", tmp_path / "whole.log")
+    _assert_same_run(run_dir, log, whole_dir, whole_log)

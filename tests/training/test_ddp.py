@@ -13,12 +13,9 @@ from safetensors.torch import load_file
 
 # method -> (extra overrides, a weight that starts at zero and must have trained, the export)
 METHODS = {
-    # DoRA on attention and convolutions: LoRA's pairs plus a magnitude per output channel
-    "dora": (
-        ["method.algo=dora", "method.conv_rank=4"],
-        "lora_B",
-        "adapter/pytorch_lora_weights.safetensors",
-    ),
+    # LoHa on attention and convolutions: LyCORIS-style factors (hada_w2_b starts at zero), and adapters
+    # on the ResNet blocks' convolutions
+    "loha": (["method.algo=loha", "method.conv_rank=4"], "hada_w2_b", "adapter/lora_kohya.safetensors"),
     "controlnet": (["method=controlnet", "data.conditioning=canny"], "controlnet_mid_block", "controlnet"),
 }
 
