@@ -196,8 +196,12 @@ def _as_diffusers(lora: LoraFile, module_paths: dict[str, str]) -> tuple[dict, d
         model, path = models[prefix], module_paths[layer]
         tensors[f"{model}.{path}.lora_A.weight"] = values["lora_down.weight"]
         tensors[f"{model}.{path}.lora_B.weight"] = values["lora_up.weight"]
-        if "dora_scale" in values:
-            tensors[f"{model}.{path}.lora_magnitude_vector"] = values["dora_scale"].flatten()
+        if "dora_scale" in values:  # peft keeps a convolution's magnitude as (1, out, 1, 1)
+            magnitude = values["dora_scale"].flatten()
+            conv = values["lora_down.weight"].dim() == 4
+            tensors[f"{model}.{path}.lora_magnitude_vector"] = (
+                magnitude.reshape(1, -1, 1, 1) if conv else magnitude
+            )
         config = configs.setdefault(model, {"rank_pattern": {}, "alpha_pattern": {}, "target_modules": []})
         # Keys name text-encoder layers in the classic CLIP layout (`text_model.encoder…`); targets without
         # that prefix match the classic and the flattened (transformers 5) models alike.

@@ -24,6 +24,7 @@ from finetune.config.errors import ConfigError
 from finetune.export.lora_apply import fuse_file, pipeline_models
 from finetune.export.lora_file import read_lora_file
 from finetune.export.lora_math import layer_delta
+from finetune.export.lora_tools import convert
 from finetune.train import train
 
 # algo -> (overrides, the kohya tensor names of its layers, is a diffusers file written). Every alpha
@@ -134,6 +135,14 @@ def test_each_algorithm_trains_and_its_files_give_back_the_trained_unet(
     if diffusers_file:
         pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
         pipe.load_lora_weights(tmp_path / "adapter")
+        torch.testing.assert_close(_noise(pipe.unet), expected, atol=2e-5, rtol=1e-4)
+        # the kohya file converted by finetune-lora loads in diffusers the same
+        converted = tmp_path / "converted.safetensors"
+        convert(
+            str(kohya_path), "diffusers", str(converted), StableDiffusionPipeline.from_pretrained(tiny_model)
+        )
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+        pipe.load_lora_weights(tmp_path, weight_name=converted.name)
         torch.testing.assert_close(_noise(pipe.unet), expected, atol=2e-5, rtol=1e-4)
 
 
