@@ -35,7 +35,7 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
         fill_disk_cache(cfg, scan)  # images that fail to decode leave the scan, with their reason
     elif cfg.data.cache == "memory":
         log.info("data.cache=memory lives in the training process only; use data.cache=disk to fill ahead")
-    report = build_report(scan.result, scan.sizes, load_tokenizer(cfg.model))
+    report = build_report(scan.result, scan.sizes, load_tokenizer(cfg.model), cfg.data.max_token_length)
     print(format_report(report))
     if cfg.get("report"):
         print(f"report written to {write_report(report, Path(cfg.report))}")
@@ -44,6 +44,8 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
 
 def fill_disk_cache(cfg: DictConfig, scan: Any) -> None:
     """Encode every image and caption the cache lacks, on the GPU when there is one."""
+    import dataclasses
+
     import torch
 
     from finetune.data import CaptionedImageDataModule
@@ -52,6 +54,7 @@ def fill_disk_cache(cfg: DictConfig, scan: Any) -> None:
 
     ensure_tiny_model(cfg.model)
     components = load_components(cfg.model, weight_dtype_for(cfg.trainer.precision))
+    components = dataclasses.replace(components, max_token_length=cfg.data.max_token_length)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for model in (components.vae, *components.text_encoders):
         model.to(device)

@@ -96,11 +96,32 @@ def _fuse_if_lycoris(pipe: Any, adapter: Path, scale: float) -> bool:
     return True
 
 
+def _prompt_encoder(pipe: Any, cfg: DictConfig) -> Any:
+    """The pipeline's text side read as training read it: `model.clip_skip`, `max_token_length`."""
+    from finetune.config.values import TOKEN_LENGTHS
+    from finetune.models.prompts import PromptEncoder, check_clip_skip
+
+    if cfg.max_token_length is not None and not TOKEN_LENGTHS[0](cfg.max_token_length):
+        raise ConfigError(f"max_token_length: {cfg.max_token_length} {TOKEN_LENGTHS[1]}")
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    check_clip_skip(cfg.model.clip_skip, pipe.text_encoder, text_encoder_2 is not None)
+    return PromptEncoder(
+        pipe.text_encoder,
+        pipe.tokenizer,
+        text_encoder_2,
+        getattr(pipe, "tokenizer_2", None),
+        clip_skip=cfg.model.clip_skip,
+        max_token_length=cfg.max_token_length,
+    )
+
+
 def generate(cfg: DictConfig) -> list[Path]:
     """Generate `count` images per prompt; returns the PNG paths (existing files are never replaced)."""
     import torch
 
     from finetune.models.loading import load_pipeline, with_controlnet
+    from finetune.models.prompts import pipeline_text_inputs
+    from finetune.models.schedules import with_schedule_options
     from finetune.tiny.builder import ensure_tiny_model
     from finetune.validation.samples import sampler_from
 
@@ -108,7 +129,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     device, dtype = _device_and_dtype(cfg)
     ensure_tiny_model(cfg.model)
     pipe = load_pipeline(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
-    pipe.scheduler = sampler_from(pipe.scheduler, cfg.scheduler)
+    pipe.scheduler = sampler_from(with_schedule_options(pipe.scheduler, cfg.model), cfg.scheduler)
     extra = {}
     if cfg.adapter:
         adapter = Path(cfg.adapter).expanduser()
@@ -131,6 +152,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     elif cfg.control_image:
         raise ConfigError("control_image: set controlnet=<folder or file> to use it")
     pipe.to(device)
+    prompt_encoder = _prompt_encoder(pipe, cfg)
 
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -139,9 +161,11 @@ def generate(cfg: DictConfig) -> list[Path]:
         generators = [torch.Generator("cpu").manual_seed(cfg.seed + i) for i in range(cfg.count)]
         if control is not None:
             extra["image"] = [control] * cfg.count
+        negative = [cfg.negative_prompt] * cfg.count if cfg.negative_prompt else None
+        zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+        text = pipeline_text_inputs(prompt_encoder, [prompt] * cfg.count, negative, zeros_for_empty=zeros)
         images = pipe(
-            [prompt] * cfg.count,
-            negative_prompt=[cfg.negative_prompt] * cfg.count if cfg.negative_prompt else None,
+            **text,
             num_inference_steps=cfg.steps,
             guidance_scale=cfg.guidance_scale,
             height=cfg.height,

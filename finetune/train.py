@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> RunResult:
     dtype = weight_dtype_for(cfg.trainer.precision)
     ensure_tiny_model(cfg.model)
     components = load_components(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
+    components = replace(components, max_token_length=cfg.data.max_token_length)
     method = build_method(cfg.method)
     components = method.prepare(components)
     apply_speed_settings(components, cfg.model)
@@ -218,6 +219,8 @@ def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int
         **{key: str(value) for key, value in summary.items()},  # method, rank, alpha, prediction_type …
         "steps": str(steps),
         "resolution": str(cfg.data.resolution),
+        "clip_skip": str(cfg.model.clip_skip),
+        "max_token_length": str(cfg.data.max_token_length or 75),
         "num_train_images": str(num_images),
         "batch_size": str(cfg.data.batch_size),
         "learning_rate": str(cfg.optim.lr),

@@ -169,3 +169,20 @@ class RemovalAudit(L.Callback):
             original(path)
 
         io.remove_checkpoint = audited_remove
+
+
+class BatchShapes(L.Callback):
+    """Writes the shape of each tensor of the first trained batch to `<out_dir>/shapes.json`."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_end(self, trainer: L.Trainer, module, outputs, batch, batch_idx: int) -> None:
+        import json
+
+        path = self.out_dir / "shapes.json"
+        if path.exists():
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        shapes = {name: list(value.shape) for name, value in batch.items() if isinstance(value, torch.Tensor)}
+        path.write_text(json.dumps(shapes))

@@ -94,3 +94,52 @@ def test_a_ckpt_model_needing_full_unpickling_opens_only_when_allowed(
     with pytest.raises(ConfigError, match="weights_only"):
         run(tiny_model, tmp_path / "refused", *model)
     assert len(run(tiny_model, tmp_path / "out", *model, "allow_unsafe_pickle=true")) == 4
+
+
+def test_clip_skip_2_draws_what_diffusers_draws_from_the_penultimate_layer(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    # Without guidance: diffusers reads only the prompt at its clip_skip, and the negative prompt at the
+    # last layer; we read both at the same layer, as A1111 and ComfyUI do.
+    options = ("count=1", "guidance_scale=1.0")
+    ours = pixels(run(tiny_model, tmp_path / "skip", "model.clip_skip=2", *options))
+    plain = pixels(run(tiny_model, tmp_path / "plain", *options))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    # diffusers 0.42 looks for the final norm where transformers 4 kept it (see tests/models/test_prompts.py)
+    if not hasattr(pipe.text_encoder, "text_model"):
+        norm = SimpleNamespace(final_layer_norm=pipe.text_encoder.final_layer_norm)
+        object.__setattr__(pipe.text_encoder, "text_model", norm)
+    theirs = [
+        np.asarray(
+            pipe(
+                prompt,
+                num_inference_steps=3,
+                guidance_scale=1.0,
+                generator=torch.Generator("cpu").manual_seed(0),
+                clip_skip=1,  # diffusers counts layers skipped: 1 is kohya's and A1111's 2
+            ).images[0],
+            dtype=float,
+        )
+        for prompt in ("a red circle", "a star")
+    ]
+    assert np.abs(ours - np.stack(theirs)).max() <= 1
+    assert np.abs(ours - plain).mean() > 0.5
+
+
+def test_a_long_prompts_tail_changes_the_image_when_max_token_length_reads_it(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    head = " ".join(["red"] * 90)
+    prompts = f"prompt=[{head} blue star,{head} green square]"
+    cut = pixels(run(tiny_model, tmp_path / "cut", prompts, "count=1"))
+    assert np.array_equal(cut[0], cut[1])  # one window: the tails are cut
+    read = pixels(run(tiny_model, tmp_path / "read", prompts, "count=1", "max_token_length=150"))
+    assert np.abs(read[0] - read[1]).mean() > 0.5
+    with pytest.raises(ConfigError, match="max_token_length: 100 must be 75, 150 or 225"):
+        run(tiny_model, tmp_path / "bad", "max_token_length=100")

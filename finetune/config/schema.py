@@ -130,6 +130,12 @@ class ModelConfig:
     channels_last: bool = False
     tf32: bool = True  # TF32 matmuls for float32 work on Ampere and newer GPUs
     compile: bool = False  # torch.compile the U-Net / ControlNet (slow first steps, faster after)
+    # Text encoder layer the U-Net reads, counted from the end as kohya and A1111 do: 2 = penultimate
+    # (what many SD 1.x anime models were trained with). SD 1.x / 2.x only.
+    clip_skip: int = 1
+    # Rescale the betas so the last timestep is pure noise, space timesteps from the end and predict v
+    # (the zero-terminal-SNR recipe); samplers and single-file exports follow.
+    zero_terminal_snr: bool = False
 
 
 @dataclass
@@ -178,11 +184,17 @@ class DataConfig(SourceConfig):
     keep_tokens: int = 0  # leading tags that stay in place when shuffling
     tag_separator: str = ","
     caption_dropout: float = 0.0
+    # Tokens a caption may have: 75 (one CLIP window), 150 or 225 (75-token windows joined, as kohya
+    # and A1111 read long prompts); longer captions are cut. null: 75.
+    max_token_length: int | None = None
     # ControlNet: conditioning computed from each image by a preprocessor (canny), instead of read
     conditioning: str | None = None
     canny_low: int = 100
     canny_high: int = 200
     conditioning_dropout: float = 0.0  # share of samples trained with a blank conditioning image
+    # Loss masks (kohya's masked loss): `alpha` (each image's alpha channel) or a folder of greyscale
+    # images named like the images; white trains, black is ignored, grey weighs between. null: off.
+    masks: str | None = None
     # Bad input
     max_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's own limit
     upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
@@ -239,6 +251,10 @@ class OptimConfig:
 class ValidationConfig:
     every_n_steps: int = 0  # 0: only at the end of training
     prompts: list[str] = field(default_factory=lambda: ["a photo"])
+    # A prompt library instead of `prompts`: a text file, one prompt per line with kohya's flags (--n
+    # negative prompt, --w / --h size, --d seed, --l guidance, --s steps), or a yaml / json list of
+    # records with the keys below. Settings a prompt leaves out come from the keys below.
+    prompts_file: str | None = None
     negative_prompt: str = ""
     guidance_scale: float = 7.5
     num_inference_steps: int = 25

@@ -15,6 +15,7 @@ from omegaconf.errors import InterpolationResolutionError
 from finetune.config.errors import ConfigError
 from finetune.config.lora_tool import LoraToolConfig
 from finetune.config.methods import ControlNetMethodConfig, FullMethodConfig, LoraMethodConfig
+from finetune.config.prior import PriorConfig
 from finetune.config.runs import run_stamp
 from finetune.config.schema import (
     CheckpointConfig,
@@ -110,4 +111,5 @@ def register_configs() -> None:
     store.store(name="optim_schema", node=OptimConfig, package="optim")
     store.store(name="validation_schema", node=ValidationConfig, package="validation")
     store.store(name="checkpoint_schema", node=CheckpointConfig, package="checkpoint")
+    store.store(name="prior_schema", node=PriorConfig, package="prior")
     store.store(name="lora_tool_schema", node=LoraToolConfig)

@@ -1,6 +1,8 @@
 """Value checks: each number whose range is known (the keys that take one of a few words are Enum
 fields of the schema, which OmegaConf checks when the config is composed).
 
+`data.masks`, which names a folder, is checked here too: it must exist.
+
 They run before anything heavy (`checks.check_config`), and the data module runs the `data` ones on
 its own config, so a bad value is one line naming the key, whichever command reads it.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import inspect
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -22,6 +25,7 @@ ABOVE_ZERO: Rule = (lambda value: value > 0, "must be greater than 0")
 AT_LEAST_ONE: Rule = (lambda value: value >= 1, "must be at least 1")
 NOT_NEGATIVE: Rule = (lambda value: value >= 0, "must be 0 or more")
 PROBABILITY: Rule = (lambda value: 0 <= value <= 1, "must be between 0 and 1")
+TOKEN_LENGTHS: Rule = (lambda value: value in (75, 150, 225), "must be 75, 150 or 225 (75-token windows)")
 # Numbers whose range is known: checked before anything loads. An unset (null) value passes.
 VALUE_RULES: dict[str, Rule] = {
     "method.rank": ABOVE_ZERO,
@@ -43,6 +47,7 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.weight_decay": NOT_NEGATIVE,
     "optim.warmup_steps": NOT_NEGATIVE,
     "optim.max_nonfinite_in_a_row": AT_LEAST_ONE,
+    "model.clip_skip": AT_LEAST_ONE,
     "loss.snr_gamma": ABOVE_ZERO,
     "loss.noise_offset": NOT_NEGATIVE,
     "loss.huber_c": (lambda value: 0 < value <= 1, "must be above 0 and at most 1"),
@@ -60,6 +65,7 @@ VALUE_RULES: dict[str, Rule] = {
     "data.caption_dropout": PROBABILITY,
     "data.conditioning_dropout": PROBABILITY,
     "data.keep_tokens": NOT_NEGATIVE,
+    "data.max_token_length": TOKEN_LENGTHS,
     "data.holdout": NOT_NEGATIVE,
     "data.num_workers": NOT_NEGATIVE,
     "data.weight": ABOVE_ZERO,
@@ -68,6 +74,11 @@ VALUE_RULES: dict[str, Rule] = {
     "validation.images_per_prompt": AT_LEAST_ONE,
     "validation.guidance_scale": NOT_NEGATIVE,
     "checkpoint.every_n_steps": NOT_NEGATIVE,
+    "prior.num_images": NOT_NEGATIVE,
+    "prior.loss_weight": NOT_NEGATIVE,
+    "prior.guidance_scale": NOT_NEGATIVE,
+    "prior.num_inference_steps": AT_LEAST_ONE,
+    "prior.batch_size": AT_LEAST_ONE,
     "checkpoint.keep_last": (lambda value: value >= -1, "must be -1 (keep all) or more"),
     "trainer.accumulate_grad_batches": AT_LEAST_ONE,
     "trainer.num_nodes": AT_LEAST_ONE,
@@ -99,6 +110,21 @@ def check_values(cfg: Any, section: str | None = None) -> None:
     for beta in _present(_select(cfg, "optim.betas", section)):
         if not 0 <= beta < 1:
             raise ConfigError(f"optim.betas: {beta} must be at least 0 and below 1")
+    check_masks(_select(cfg, "data.masks", section))
+
+
+def check_masks(value: Any) -> None:
+    """data.masks: `alpha`, or a folder that exists (so a typo fails now, not after the models load)."""
+    if value is _ABSENT or not value or str(value) == "alpha":
+        return
+    folder = Path(str(value)).expanduser()
+    if not folder.is_dir():
+        problem = (
+            "is not a folder" if folder.exists() else f"does not exist (relative paths start at {Path.cwd()})"
+        )
+        raise ConfigError(
+            f"data.masks: '{value}' {problem} — give alpha (each image's alpha channel) or a folder of masks"
+        )
 
 
 _ABSENT = object()

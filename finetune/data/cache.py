@@ -8,7 +8,10 @@ Every entry is keyed by a hash of everything that shaped it: the image's bytes, 
 and flip, and the identity (weights, config) and dtype of the VAE or text encoder. A changed image,
 setting or model therefore never reuses a stale entry; unchanged entries are reused across runs
 (disk). Latents are stored as the VAE's distribution parameters (mean and log-variance), so training
-still samples a fresh latent each time, as it does without the cache.
+still samples a fresh latent each time, as it does without the cache. With `data.masks` an entry also
+holds the image's loss mask, placed like the latents and already on their grid (64 times smaller than
+at pixels, and all the loss reads); the mask's source is then part of the key, so an entry made
+without masks, or from other masks, is never read for them.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 from finetune.config.files import atomic_path
 from finetune.data.buckets import choose_crop
 from finetune.data.captions import CaptionStyle
-from finetune.data.records import ImageRecord
+from finetune.data.masks import LossMasks
+from finetune.data.records import ImageRecord, ImageSource
 
 CACHE_VERSION = 1  # bump when what an entry holds changes: old entries then stop matching
 DEFAULT_CACHE_DIR = Path("~/.cache/finetune/latents")
@@ -98,13 +102,16 @@ class Fingerprints:
         self.changed = False
 
     def of(self, record: ImageRecord) -> str:
-        path = getattr(record.load, "path", None)
+        return self.of_source(record.load)
+
+    def of_source(self, source: ImageSource) -> str:
+        path = getattr(source, "path", None)
         if path is None:  # a dataset row: hash its bytes
-            return record.load.fingerprint()
+            return source.fingerprint()
         stat = Path(path).stat()
         key = f"{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
         if key not in self.known:
-            self.known[key] = record.load.fingerprint()
+            self.known[key] = source.fingerprint()
             self.changed = True
         return self.known[key]
 
@@ -148,7 +155,11 @@ class DataCache:
         return [text for text, key in (self.text_keys or {}).items() if not self.store.has(key)]
 
     def latent(self, index: int, flip: bool) -> torch.Tensor:
-        return self.store.get(self.latents[index].keys[flip])["latent_dist"]
+        return self.entry(index, flip)["latent_dist"]
+
+    def entry(self, index: int, flip: bool) -> dict[str, torch.Tensor]:
+        """One orientation of one image: `latent_dist`, and `loss_mask` when masks were cached with it."""
+        return self.store.get(self.latents[index].keys[flip])
 
     def text(self, caption: str) -> dict[str, torch.Tensor]:
         """`text_embeds`, and for SDXL `pooled_text_embeds`, of one caption."""
@@ -170,8 +181,10 @@ def plan_cache(
     text_encoder: str | None,
     text_dtype: torch.dtype | None = None,
     max_length: int = 77,
+    masks: LossMasks | None = None,
 ) -> DataCache:
-    """Keys for every record's latents (and every caption's text features when `text_encoder` is set)."""
+    """Keys for every record's latents (and every caption's text features when `text_encoder` is set);
+    with `masks`, the latent entries hold the loss masks too."""
     entries = []
     fingerprints = Fingerprints(store.directory)
     for record, size in zip(records, sizes, strict=True):
@@ -180,6 +193,8 @@ def plan_cache(
         # One random crop per image, from its content and the run seed: stable across runs.
         generator = torch.Generator().manual_seed(int(fingerprint[:12], 16) ^ seed)
         crop = choose_crop(*record.size, size, random_crop, generator)
+        # Only with masks: keys made without them stay as they were, so existing caches still serve.
+        mask = {"mask": masks.identity(record, fingerprints.of_source)} if masks is not None else {}
         keys = {
             flip: entry_key(
                 kind="latent",
@@ -189,6 +204,7 @@ def plan_cache(
                 flip=flip,
                 vae=vae,
                 dtype=str(vae_dtype),
+                **mask,
             )
             for flip in ((False, True) if random_flip else (False,))
         }

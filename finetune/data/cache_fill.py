@@ -18,6 +18,7 @@ from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages, decode_conditioning
 from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError
+from finetune.data.masks import LossMasks, load_with_mask, place, to_latent_grid
 from finetune.data.records import ImageRecord, Skipped
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 # tensor data, so the exchange holds about world_size times this in flight per rank however large the
 # cache is, instead of every rank's whole share at once.
 EXCHANGE_CHUNK_BYTES = 32 * 2**20
+# One image orientation to encode: (record index, flipped, pixels, its loss mask at pixels or None).
+Job = tuple[int, bool, torch.Tensor, torch.Tensor | None]
 
 
 @dataclass
@@ -45,13 +48,14 @@ def fill_cache(
     rank: int = 0,
     world_size: int = 1,
     check_conditioning: bool = False,
+    masks: LossMasks | None = None,
 ) -> FillResult:
     """Encode what is missing: images in batches of one size, then captions; ranks split the work.
 
     Ranks split by image, so each image is decoded once, for both its orientations. With
     `check_conditioning` (conditioning images read from files or columns) an image's conditioning
     image is decoded beside it: a broken pair becomes a skip with its reason here, not a substitute
-    at training time.
+    at training time. With `masks`, each entry holds the image's mask too, placed like the image.
     """
     result = FillResult()
     flips: dict[int, list[bool]] = defaultdict(list)
@@ -68,10 +72,10 @@ def fill_cache(
     for index in mine:
         by_size[sizes[index]].append(index)
     for indices in by_size.values():
-        pending: list[tuple[int, bool, torch.Tensor]] = []  # (index, flip, pixels), all of one size
+        pending: list[Job] = []  # all of one size
         for index in indices:
             try:
-                image = records[index].load()
+                image, mask = load_with_mask(records[index], masks)
                 if check_conditioning and records[index].conditioning is not None:
                     decode_conditioning(records[index])
             except ImageDecodeError as error:
@@ -79,8 +83,10 @@ def fill_cache(
                 bar.update(len(flips[index]))
                 continue
             for flip in flips[index]:
-                fitted = fit_to(image, sizes[index], cache.latents[index].crop_top_left, flip)
-                pending.append((index, flip, TO_TENSOR(fitted.image)))
+                top_left = cache.latents[index].crop_top_left
+                fitted = fit_to(image, sizes[index], top_left, flip)
+                placed = place(mask, sizes[index], top_left, flip) if mask is not None else None
+                pending.append((index, flip, TO_TENSOR(fitted.image), placed))
                 if len(pending) == batch_size:
                     _encode_latents(cache, vae, pending, bar)
                     pending = []
@@ -91,11 +97,14 @@ def fill_cache(
     return result
 
 
-def _encode_latents(cache: DataCache, vae: Any, jobs: list[tuple[int, bool, torch.Tensor]], bar: Any) -> None:
-    stacked = torch.stack([pixels for _, _, pixels in jobs]).to(vae.device, vae.dtype)
+def _encode_latents(cache: DataCache, vae: Any, jobs: list[Job], bar: Any) -> None:
+    stacked = torch.stack([pixels for _, _, pixels, _ in jobs]).to(vae.device, vae.dtype)
     parameters = vae.encode(stacked).latent_dist.parameters
-    for (index, flip, _), params in zip(jobs, parameters, strict=True):
-        cache.store.put(cache.latents[index].keys[flip], {"latent_dist": params})
+    for (index, flip, _, mask), params in zip(jobs, parameters, strict=True):
+        entry = {"latent_dist": params}
+        if mask is not None:  # stored on the latent grid: the loss reads nothing finer
+            entry["loss_mask"] = to_latent_grid(mask[None], params.shape[-2:])[0]
+        cache.store.put(cache.latents[index].keys[flip], entry)
     bar.update(len(jobs))
 
 
@@ -123,6 +132,7 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
     trains_text = any(p.requires_grad for model in prompts.models for p in model.parameters())
     cache_text = not cfg.shuffle_tags and not trains_text
     store = CacheStore(cfg.cache, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    masks = LossMasks.from_config(cfg)
     cache = plan_cache(
         datamodule.records,
         datamodule.sizes,
@@ -135,7 +145,8 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
         captions=captions,
         text_encoder=prompts.identity(model_identity) if cache_text else None,
         text_dtype=prompts.text_encoder.dtype,
-        max_length=datamodule.tokenizer.model_max_length,
+        max_length=datamodule.tokenizer.length,
+        masks=masks,
     )
     if not cache_text:
         why = "tags are shuffled" if cfg.shuffle_tags else "the text encoder trains"
@@ -153,6 +164,7 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
         rank,
         world,
         check_conditioning=conditioning is not None and not conditioning.computed,
+        masks=masks,
     )
     failed = result.failed
     if world > 1:

@@ -2,7 +2,7 @@
 
 A batch: {"pixel_values": [B,3,H,W] in [-1,1], "input_ids": [B,L], "original_size": [B,2] (h, w),
 "crop_top_left": [B,2] (top, left), "index": [B] (the record's)}; every image of a batch has the
-same (bucket) size.
+same (bucket) size. With `data.masks`, "loss_mask": [B,1,H,W] in [0,1] (on the latent grid when cached).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from finetune.data.cache import DataCache
 from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.dataset import CaptionedImageDataset
+from finetune.data.masks import LossMasks
 from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader
 from finetune.data.scan import DataScan, scan_data
@@ -93,6 +94,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             sizes,
             captions=style,
             conditioning=ConditioningImages.from_config(self.cfg),
+            masks=LossMasks.from_config(self.cfg),  # the validation loss weighs what training does
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -110,6 +112,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             captions=CaptionStyle.from_config(self.cfg),
             cache=self.cache,
             conditioning=ConditioningImages.from_config(self.cfg),
+            masks=LossMasks.from_config(self.cfg),
         )
 
     def prepare_cache(self, vae: Any, prompts: Any, strategy: Any = None) -> DataCache | None:

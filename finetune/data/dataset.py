@@ -2,7 +2,8 @@
 
 A sample: {"pixel_values": [3,H,W] in [-1,1], "input_ids": [L] (and "input_ids_2" for SDXL's second
 tokenizer), "original_size": [2] (h, w), "crop_top_left": [2] (top, left), "index": the record's}, or
-cached latents / text features instead.
+cached latents / text features instead. With `data.masks`, "loss_mask": [1,H,W] in [0,1], placed like
+the image; from the cache it is already on the latent grid ([1,h,w]), which is all the loss reads.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from finetune.data.cache import DataCache
 from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.images import ImageDecodeError
+from finetune.data.masks import LossMasks, load_with_mask, place
 from finetune.data.records import ImageRecord
 from finetune.data.sampler import SampleKey
 
@@ -53,6 +55,7 @@ class CaptionedImageDataset(Dataset):
         captions: CaptionStyle | None = None,
         cache: DataCache | None = None,
         conditioning: ConditioningImages | None = None,
+        masks: LossMasks | None = None,
     ) -> None:
         self.records, self.sizes = records, sizes
         self.tokenizer = tokenizer  # a models.prompts.CaptionTokenizer
@@ -60,6 +63,7 @@ class CaptionedImageDataset(Dataset):
         self.captions = captions or CaptionStyle()
         self.cache = cache
         self.conditioning = conditioning
+        self.masks = masks
         self._bad: set[int] = set()  # per process: workers each keep their own
 
     def __len__(self) -> int:
@@ -97,7 +101,7 @@ class CaptionedImageDataset(Dataset):
         if self.cache is not None:
             return self._cached(index, generator)
         record, size = self.records[index], self.sizes[index]
-        image = record.load()
+        image, mask = load_with_mask(record, self.masks)
         flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         top_left = choose_crop(image.width, image.height, size, self.random_crop, generator)
         fitted = fit_to(image, size, top_left, flip)
@@ -108,6 +112,8 @@ class CaptionedImageDataset(Dataset):
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(index),
         }
+        if mask is not None:
+            item["loss_mask"] = place(mask, size, top_left, flip)
         if self.conditioning is not None:
             item["conditioning_pixel_values"] = self.conditioning.make(record, fitted, generator)
         return item
@@ -120,12 +126,15 @@ class CaptionedImageDataset(Dataset):
         caption = self.captions.apply(self.records[index].caption or "", generator)
         # The conditioning image first: it may fail to decode, and then nothing need be read from the cache.
         control = self._cached_conditioning(index, flip, generator) if self.conditioning is not None else None
+        stored = self.cache.entry(index, flip)
         item = {
-            "latent_dist": self.cache.latent(index, flip),
+            "latent_dist": stored["latent_dist"],
             "original_size": torch.tensor(entry.original_size),
             "crop_top_left": torch.tensor(entry.crop_top_left),
             "index": torch.tensor(index),
         }
+        if self.masks is not None:  # stored beside the latents, with their crop and flip
+            item["loss_mask"] = stored["loss_mask"]
         if self.cache.text_keys is not None:
             item.update(self.cache.text(caption))  # text_embeds (and SDXL's pooled_text_embeds)
         else:

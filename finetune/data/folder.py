@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from finetune.config.errors import DataError
-from finetune.data.images import IMAGE_EXTENSIONS, FileImage
+from finetune.data.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, FileImage
 from finetune.data.records import Fixed, ImageRecord, ScanResult, Skipped
 
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
@@ -43,20 +43,33 @@ def attach_parallel_conditioning(result: ScanResult, folder: Path) -> None:
     """Give each record the image of the same relative name (any image extension) under `folder`."""
     if not folder.is_dir():
         raise DataError(f"data.conditioning_path: '{folder}' is not a directory")
-    extensions = [*IMAGE_EXTENSIONS, *(ext.upper() for ext in IMAGE_EXTENSIONS)]
+    attach_parallel(result, folder, "conditioning", "conditioning image", "")
+
+
+def attach_parallel(
+    result: ScanResult, folder: Path, field: str, what: str, why: str, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> None:
+    """Set each record's `field` to the image of the same relative name (any image extension) under
+    `folder`; a record without one is skipped, the reason naming `what` is missing (and `why`)."""
     kept = []
     for record in result.records:
-        stem = Path(record.key).with_suffix("")
-        found = None
-        for ext in extensions:
-            found, _ = resolve_inside(folder, f"{stem}{ext}")
-            if found is not None:
-                break
+        found = parallel_file(folder, record.key)
         if found is None:
-            result.skipped.append(Skipped(record.key, f"no conditioning image {stem}.* in {folder}"))
+            stem = Path(record.key).with_suffix("")
+            result.skipped.append(Skipped(record.key, f"no {what} {stem}.* in {folder}{why}"))
             continue
-        kept.append(record.with_(conditioning=FileImage(found)))
+        kept.append(record.with_(**{field: FileImage(found, max_pixels)}))
     result.records = kept
+
+
+def parallel_file(folder: Path, key: str) -> Path | None:
+    """The file of `key`'s relative name, with any image extension, inside `folder`; None if none."""
+    stem = Path(key).with_suffix("")
+    for ext in (*IMAGE_EXTENSIONS, *(ext.upper() for ext in IMAGE_EXTENSIONS)):
+        found, _ = resolve_inside(folder, f"{stem}{ext}")
+        if found is not None:
+            return found
+    return None
 
 
 def scan_sidecars(

@@ -12,7 +12,7 @@ import os
 import re
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +103,11 @@ def _opened(source: Path | IO[bytes], max_pixels: int) -> Image.Image:
     return image
 
 
+def has_alpha(mode: str, info: dict) -> bool:
+    """Whether an image of this mode (and PIL `info`) carries transparency."""
+    return mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in info)
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Apply EXIF orientation and convert to RGB, compositing any transparency on white."""
     image = ImageOps.exif_transpose(image)
@@ -112,21 +117,22 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if array.max(initial=0) > 255:
             array = array / 257.0
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    )
-    if has_alpha:
+    if has_alpha(image.mode, image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
 
 
-def _decode(source: Path | IO[bytes], where: str, max_pixels: int) -> Image.Image:
+# What a decode returns, from the opened image: `to_rgb` by default (masks.split_alpha adds its alpha).
+Convert = Callable[[Image.Image], Any]
+
+
+def _decode(source: Path | IO[bytes], where: str, max_pixels: int, convert: Convert = to_rgb) -> Any:
     try:
         with _opened(source, max_pixels) as image:
             image.load()  # the whole file, so truncation shows here
-            return to_rgb(image)
+            return convert(image)
     except ImageDecodeError as error:
         raise ImageDecodeError(f"cannot decode image {where}: {error}") from None
     except _DECODE_ERRORS as error:
@@ -178,7 +184,9 @@ def _encoded(value: Any) -> Path | bytes | bytearray | Image.Image:
     raise ImageDecodeError(f"holds {type(value).__name__}, not an image")
 
 
-def decode_value(value: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def decode_value(
+    value: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS, convert: Convert = to_rgb
+) -> Any:
     """Turn a dataset cell (PIL image, encoded bytes or {"bytes", "path"} dict) into an RGB image."""
     try:
         value = _encoded(value)
@@ -187,8 +195,8 @@ def decode_value(value: Any, where: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     if isinstance(value, Image.Image):  # decoded by `datasets` already: still held to our limit
         if problem := over_pixel_limit(*value.size, max_pixels):
             raise ImageDecodeError(f"cannot decode image {where}: {problem}")
-        return to_rgb(value)
-    return _decode(value if isinstance(value, Path) else io.BytesIO(value), where, max_pixels)
+        return convert(value)
+    return _decode(value if isinstance(value, Path) else io.BytesIO(value), where, max_pixels, convert)
 
 
 def value_header(value: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -229,8 +237,8 @@ class FileImage:
     path: Path
     max_pixels: int = DEFAULT_MAX_PIXELS
 
-    def __call__(self) -> Image.Image:
-        return open_image(self.path, self.max_pixels)
+    def __call__(self, convert: Convert = to_rgb) -> Any:
+        return _decode(Path(self.path), f"'{self.path}'", self.max_pixels, convert)
 
     def header(self) -> Image.Image:
         return open_header(Path(self.path), self.max_pixels)
@@ -258,8 +266,8 @@ class DatasetImage:
         except Exception as error:  # datasets decodes on access: any failure is this row's problem
             raise ImageDecodeError(f"cannot decode image {self.key}: {_one_line(error)}") from error
 
-    def __call__(self) -> Image.Image:
-        return decode_value(self._value(), self.key, self.max_pixels)
+    def __call__(self, convert: Convert = to_rgb) -> Any:
+        return decode_value(self._value(), self.key, self.max_pixels, convert)
 
     def header(self) -> Image.Image:
         return value_header(self._value(), self.max_pixels)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -23,8 +23,9 @@ class ImageSource(Protocol):
 
     max_pixels: int  # images with more pixels are refused, by `header()` and by decoding
 
-    def __call__(self) -> Image.Image:
-        """The decoded image, upright RGB; raises ImageDecodeError."""
+    def __call__(self, convert: Callable[[Image.Image], Any] = ...) -> Any:
+        """The decoded image, upright RGB (or what `convert` makes of the opened image, for the alpha
+        channel too); raises ImageDecodeError."""
 
     def header(self) -> Image.Image:
         """The image opened lazily (size and mode only, no pixels decoded); raises ImageDecodeError."""
@@ -48,17 +49,19 @@ class ImageRecord:
     repeats: float = 1.0
     size: tuple[int, int] | None = None  # (width, height) once screened, after EXIF rotation
     conditioning: ImageSource | None = None  # ControlNet: the image's conditioning image, when read
+    mask: ImageSource | None = None  # data.masks=<folder>: the image's loss mask file
 
     def with_(self, **changes: Any) -> ImageRecord:
         return replace(self, **changes)
 
     def with_max_pixels(self, max_pixels: int) -> ImageRecord:
-        """This record with its image and conditioning image held to `max_pixels` wherever decoded."""
-        condition = self.conditioning
+        """This record with its image, conditioning image and mask held to `max_pixels` wherever decoded."""
+        condition, mask = self.conditioning, self.mask
         return replace(
             self,
             load=replace(self.load, max_pixels=max_pixels),
             conditioning=replace(condition, max_pixels=max_pixels) if condition else None,
+            mask=replace(mask, max_pixels=max_pixels) if mask else None,
         )
 
 

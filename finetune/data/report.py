@@ -14,12 +14,17 @@ from typing import Any
 
 from finetune.config.files import atomic_path
 from finetune.data.records import ScanResult
+from finetune.models.prompts import CaptionTokenizer
 
 
 def build_report(
-    result: ScanResult, sizes: Sequence[tuple[int, int]], tokenizer: Any = None
+    result: ScanResult,
+    sizes: Sequence[tuple[int, int]],
+    tokenizer: Any = None,
+    max_token_length: int | None = None,
 ) -> dict[str, Any]:
-    """A JSON-ready summary of a scan; caption lengths in tokens when a tokenizer is given."""
+    """A JSON-ready summary of a scan; caption lengths in tokens when a tokenizer is given, and how
+    many captions are cut at the length the encoders read (`data.max_token_length`)."""
     captions = [record.caption or "" for record in result.records]
     buckets = Counter(f"{width}x{height}" for width, height in sizes)
     report: dict[str, Any] = {
@@ -32,9 +37,9 @@ def build_report(
         "caption_words": _stats([len(caption.split()) for caption in captions]),
     }
     if tokenizer is not None and captions:
-        # Tokens between the start and end markers; longer captions are cut at model_max_length.
+        # Tokens with the start and end markers; longer captions are cut at the limit.
         lengths = [len(ids) for ids in tokenizer(captions, add_special_tokens=True).input_ids]
-        limit = tokenizer.model_max_length
+        limit = CaptionTokenizer(tokenizer, max_token_length=max_token_length).token_limit
         report["caption_tokens"] = _stats(lengths)
         report["captions_truncated"] = sum(length > limit for length in lengths)
         report["token_limit"] = limit

@@ -10,6 +10,7 @@ from typing import Any
 from finetune.config.errors import ConfigError, DataError
 from finetune.config.values import check_values
 from finetune.data.buckets import buckets_for, target_size
+from finetune.data.masks import ALPHA
 from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sources import find_records
 
@@ -44,6 +45,15 @@ def check_data_config(cfg: Any) -> None:
         buckets_for(cfg)  # raises if the bucket settings leave no bucket
     if cfg.holdout and cfg.streaming:
         raise ConfigError("data.holdout: not available with data.streaming — set data.holdout=0")
+    masks = getattr(cfg, "masks", None)
+    if masks and cfg.streaming:
+        raise ConfigError("data.masks: not available with data.streaming — set data.masks=null")
+    if masks and str(masks) != ALPHA and (cfg.sources or cfg.source != "folder"):
+        # Mask files are found by the image's path relative to data.path, which only that layout has.
+        raise ConfigError(
+            "data.masks: a folder of masks pairs with a single data.path folder — with data.sources "
+            "or data.source=hf use data.masks=alpha"
+        )
 
 
 def scan_data(cfg: Any, seed: int) -> DataScan:

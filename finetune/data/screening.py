@@ -17,7 +17,8 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from finetune.data.buckets import target_size
-from finetune.data.images import ImageDecodeError
+from finetune.data.images import ImageDecodeError, has_alpha
+from finetune.data.masks import ALPHA
 from finetune.data.records import Fixed, ImageRecord, ImageSource, ScanResult, Skipped
 
 # EXIF orientations 5-8 turn the image a quarter: width and height swap once it is upright.
@@ -51,26 +52,37 @@ def screen_records(result: ScanResult, cfg: Any) -> ScanResult:
     screened = ScanResult(records=[], skipped=list(result.skipped), fixed=list(result.fixed))
     screened.uncaptioned_keys, screened.notes = list(result.uncaptioned_keys), list(result.notes)
     verify = bool(getattr(cfg, "verify", False))
+    without_alpha = []  # data.masks=alpha: images that train whole, having no alpha channel
     with ThreadPoolExecutor(_THREADS) as pool:
         outcomes = pool.map(lambda record: _screen(record, cfg, verify), result.records)
         for record, outcome in zip(result.records, outcomes, strict=True):
             if isinstance(outcome, Skipped):
                 screened.skipped.append(outcome)
                 continue
-            size, fixes = outcome
+            size, fixes, alpha = outcome
             screened.fixed += [Fixed(record.key, what) for what in fixes]
             screened.records.append(record.with_(size=size))
+            if not alpha:
+                without_alpha.append(record.key)
+    if str(getattr(cfg, "masks", None)) == ALPHA and without_alpha:
+        examples = ", ".join(without_alpha[:3]) + (", ..." if len(without_alpha) > 3 else "")
+        screened.notes.append(
+            f"data.masks=alpha: {len(without_alpha)} of {len(screened.records)} images have no alpha "
+            f"channel and train on the whole image ({examples})"
+        )
     return screened
 
 
-def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tuple[int, int], list[str]]:
-    """(upright size, what will be fixed) for a usable image, or why it is skipped."""
+def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tuple[int, int], list[str], bool]:
+    """(upright size, what will be fixed, whether it has an alpha channel) for a usable image, or why
+    it is skipped."""
     if why := cut_short(record.load):  # first: a cut WebP already fails to open, less clearly
         return Skipped(record.key, why)
     try:  # the loader refuses images over data.max_pixels here, as it does when decoding
         with record.load.header() as image:
             width, height = image.size
             mode, transparent = image.mode, "transparency" in image.info
+            alpha = has_alpha(image.mode, image.info)
             orientation = _orientation(image)
     except ImageDecodeError as error:
         return Skipped(record.key, str(error))
@@ -96,28 +108,51 @@ def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tupl
         fixes.append(f"upscaled: {width} x {height} is smaller than its target {target_w} x {target_h}")
     if record.conditioning is not None and (why := _misaligned(record, width, height)):
         return Skipped(record.key, why)
+    if record.mask is not None:
+        mask_size = _mask_size(record)
+        if isinstance(mask_size, str):
+            return Skipped(record.key, mask_size)
+        if mask_size != (width, height):
+            mask_w, mask_h = mask_size
+            fixes.append(f"mask is {mask_w} x {mask_h}: resized to the image's {width} x {height}")
     if verify:
         try:
             record.load()
-            if record.conditioning is not None:
-                record.conditioning()
+            for other in (record.conditioning, record.mask):  # their errors name their own files
+                if other is not None:
+                    other()
         except ImageDecodeError as error:
             return Skipped(record.key, str(error))
-    return (width, height), fixes
+    return (width, height), fixes, alpha
+
+
+def _mask_size(record: ImageRecord) -> tuple[int, int] | str:
+    """The upright (width, height) of a record's mask file, or why it cannot be read."""
+    assert record.mask is not None
+    return _upright_size(record.mask, "mask image")
+
+
+def _upright_size(source: Any, what: str) -> tuple[int, int] | str:
+    """The upright (width, height) of a paired image file, or why it cannot be read (naming `what`)."""
+    if why := cut_short(source):
+        return f"{what}: {why}"
+    try:
+        with source.header() as image:
+            width, height = image.size
+            if _orientation(image) in _QUARTER_TURNS:
+                width, height = height, width
+    except ImageDecodeError as error:
+        return f"{what}: {error}"
+    return width, height
 
 
 def _misaligned(record: ImageRecord, width: int, height: int) -> str | None:
     """Why a record's conditioning image cannot be paired with it (unreadable, other shape), or None."""
     assert record.conditioning is not None
-    if why := cut_short(record.conditioning):
-        return f"conditioning image: {why}"
-    try:
-        with record.conditioning.header() as image:
-            cond_w, cond_h = image.size
-            if _orientation(image) in _QUARTER_TURNS:
-                cond_w, cond_h = cond_h, cond_w
-    except ImageDecodeError as error:
-        return f"conditioning image: {error}"
+    size = _upright_size(record.conditioning, "conditioning image")
+    if isinstance(size, str):
+        return size
+    cond_w, cond_h = size
     if abs(cond_w / cond_h - width / height) > 0.01 * (width / height):
         return f"conditioning image is {cond_w} x {cond_h}, another shape than the image ({width} x {height})"
     return None

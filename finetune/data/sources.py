@@ -15,6 +15,7 @@ from finetune.config.values import config_value
 from finetune.data.folder import attach_parallel_conditioning, scan_folder
 from finetune.data.hf import find_in_hf
 from finetune.data.images import IMAGE_EXTENSIONS
+from finetune.data.masks import ALPHA, attach_mask_files
 from finetune.data.records import ScanResult, Skipped
 
 
@@ -44,6 +45,9 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
         ]
         found.skipped = [Skipped(prefix + s.key, s.reason) for s in found.skipped]
         result.extend(found)
+    masks = getattr(cfg, "masks", None)
+    if masks and str(masks) != ALPHA:  # a folder: each image's mask file (one folder source, checked)
+        attach_mask_files(result, Path(str(masks)).expanduser(), cfg.max_pixels)
     if screen:
         result = screen_records(result, cfg)
     apply_caption_policy(result, cfg.missing_caption, cfg.default_caption)  # on usable images only

@@ -18,7 +18,8 @@ KOHYA_KEYS = {
     "num_train_images": "ss_num_train_images", "batch_size": "ss_total_batch_size",
     "learning_rate": "ss_learning_rate", "lr_scheduler": "ss_lr_scheduler", "optimizer": "ss_optimizer",
     "mixed_precision": "ss_mixed_precision", "seed": "ss_seed", "noise_offset": "ss_noise_offset",
-    "snr_gamma": "ss_min_snr_gamma", "tag_frequency": "ss_tag_frequency",
+    "snr_gamma": "ss_min_snr_gamma", "tag_frequency": "ss_tag_frequency", "clip_skip": "ss_clip_skip",
+    "max_token_length": "ss_max_token_length",
 }
 # fmt: on
 # ...and the ones the SAI model spec (`modelspec.*`, read by ComfyUI and others) defines.

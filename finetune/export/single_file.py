@@ -17,7 +17,7 @@ it by loading the file back through `from_single_file` and comparing outputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -53,7 +53,8 @@ _OPEN_CLIP_LAYER = {
 
 
 class SDComponents(Protocol):
-    """Anything holding SD's three models: a `StableDiffusionPipeline` or `models.loading.Components`."""
+    """Anything holding SD's three models: a `StableDiffusionPipeline` or `models.loading.Components`.
+    Their scheduler's config, when they have one, says what the U-Net predicts (the file's markers)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -161,7 +162,20 @@ def pipeline_to_ldm(pipe: SDComponents, dtype: torch.dtype | None = None) -> dic
             if dtype is not None and value.is_floating_point():
                 value = value.to(dtype)
             state[prefix + key] = value.contiguous()
-    return state
+    # A pipeline's `scheduler`, or training's `noise_scheduler` (models.loading.Components)
+    scheduler = getattr(pipe, "scheduler", None) or getattr(pipe, "noise_scheduler", None)
+    return state | (schedule_markers(scheduler.config) if scheduler is not None else {})
+
+
+def schedule_markers(scheduler_config: Any) -> dict[str, torch.Tensor]:
+    """The empty marker tensors ComfyUI and A1111 look for in a single file whose schedule is not the
+    default: `v_pred` (the U-Net predicts v) and `ztsnr` (zero terminal SNR, with `v_pred`)."""
+    markers = {}
+    if scheduler_config.get("prediction_type") == "v_prediction":
+        markers["v_pred"] = torch.tensor([])
+        if scheduler_config.get("rescale_betas_zero_snr"):
+            markers["ztsnr"] = torch.tensor([])
+    return markers
 
 
 def save_single_file(

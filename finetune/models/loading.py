@@ -30,9 +30,10 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Offl
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from finetune.config.errors import ConfigError
-from finetune.config.schema import ModelConfig, PredictionType
+from finetune.config.schema import ModelConfig
 from finetune.models.layout import index_is_sdxl, vae_scale_factor
-from finetune.models.prompts import PromptEncoder
+from finetune.models.prompts import PromptEncoder, check_clip_skip
+from finetune.models.schedules import with_schedule_options
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class Components:
     controlnet: Any = None  # a ControlNetModel when method=controlnet adds one
     text_encoder_2: Any = None  # SDXL's second text encoder (CLIPTextModelWithProjection)
     tokenizer_2: Any = None
+    clip_skip: int = 1  # model.clip_skip
+    max_token_length: int | None = None  # data.max_token_length: the caption length the encoders read
 
     @property
     def is_sdxl(self) -> bool:
@@ -61,7 +64,14 @@ class Components:
     @property
     def prompts(self) -> PromptEncoder:
         """The text side: what tokenizes and encodes captions for this model."""
-        return PromptEncoder(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2)
+        return PromptEncoder(
+            self.text_encoder,
+            self.tokenizer,
+            self.text_encoder_2,
+            self.tokenizer_2,
+            clip_skip=self.clip_skip,
+            max_token_length=self.max_token_length,
+        )
 
     @property
     def vae_factor(self) -> int:
@@ -234,8 +244,8 @@ def load_components(
         scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
     if dtype == torch.float16 and vae.config.get("force_upcast"):
         vae.to(torch.float32)  # SDXL's VAE overflows in float16 (its config says so), as diffusers knows
-    if cfg.prediction_type is not None:
-        set_prediction_type(scheduler, cfg.prediction_type)
+    scheduler = with_schedule_options(scheduler, cfg)
+    check_clip_skip(cfg.clip_skip, text_encoder, text_encoder_2 is not None)
     for model in (unet, vae, text_encoder, text_encoder_2):
         if model is not None:
             model.requires_grad_(False)
@@ -250,6 +260,7 @@ def load_components(
         source,
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
+        clip_skip=cfg.clip_skip,
     )
 
 
@@ -257,12 +268,6 @@ def is_sdxl_folder(source: str, revision: str | None = None) -> bool:
     """Whether a diffusers folder or hub id holds an SDXL pipeline (a second text encoder), from its
     `model_index.json`."""
     return index_is_sdxl(DiffusionPipeline.load_config(source, revision=revision))
-
-
-def set_prediction_type(scheduler: DDPMScheduler, prediction_type: str) -> None:
-    """Override what the U-Net predicts (the scheduler config is the source of truth)."""
-    kind = PredictionType.of(prediction_type, "prediction_type")
-    scheduler.register_to_config(prediction_type=kind.value)
 
 
 def weight_dtype_for(precision: str | int | None) -> torch.dtype:

@@ -51,7 +51,9 @@ class DataReport(L.Callback):
             )
             return
         tokenizer = datamodule.tokenizer.tokenizer if datamodule.tokenizer is not None else None
-        report = build_report(datamodule.scan_result, datamodule.sizes, tokenizer)
+        report = build_report(
+            datamodule.scan_result, datamodule.sizes, tokenizer, datamodule.cfg.max_token_length
+        )
         log.info("data report:\n%s", format_report(report, max_files=20))
         write_report(report, self.path)
         counts = {f"data/{key}": report[key] for key in ("images", "skipped", "fixed", "uncaptioned")}

@@ -47,12 +47,30 @@ def check_config(cfg: Any) -> None:
             )
         if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
             raise ConfigError("model.attention: 'xformers' needs the xformers package — or use sdpa")
+        check_schedule(cfg)
     if OmegaConf.select(cfg, "optim.name", default=None) is not None:
         from finetune.training.optimizers import check_optimizer
 
         check_optimizer(cfg.optim.name)
+    if OmegaConf.select(cfg, "validation.prompts_file", default=None):
+        from finetune.validation.prompt_library import sample_prompts
+
+        sample_prompts(cfg.validation, cfg.data.resolution)  # the library reads, before any model loads
     check_strategy(cfg)
     check_precision(cfg)
+
+
+def check_schedule(cfg: Any) -> None:
+    """Zero terminal SNR cannot go with epsilon prediction: at the last timestep there is no image
+    left in the input, so predicting its noise says nothing about the image."""
+    if not cfg.model.zero_terminal_snr:
+        return
+    for key in ("model.prediction_type", "loss.prediction_type"):
+        if OmegaConf.select(cfg, key, default=None) == "epsilon":
+            raise ConfigError(
+                f"{key}: epsilon cannot be learnt with model.zero_terminal_snr=true — use v_prediction "
+                "(or leave it unset)"
+            )
 
 
 def check_precision(cfg: Any) -> None:

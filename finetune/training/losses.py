@@ -9,6 +9,8 @@ import torch
 from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
+from finetune.data.masks import to_latent_grid
+
 
 def sample_noise(latents: torch.Tensor, noise_offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise; with an offset, a per-channel constant shift that lets the model learn
@@ -113,9 +115,11 @@ def diffusion_loss(
     weights: torch.Tensor | None = None,
     loss_type: str = "l2",
     thresholds: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The mean per-element loss of each sample in float32 (squared error, or the Huber-like ones with
-    per-sample `thresholds`), optionally weighted per sample, then averaged."""
+    per-sample `thresholds`), optionally weighted per element by a loss `mask` ([B, 1, H, W] in [0, 1],
+    at pixels or on the latent grid) and per sample by `weights`, then averaged."""
     difference = prediction.float() - target.float()
     if loss_type == "l2":
         elementwise = difference.square()
@@ -123,6 +127,12 @@ def diffusion_loss(
         c = thresholds.float().view(-1, *[1] * (difference.dim() - 1))
         smooth = (difference.square() + c.square()).sqrt() - c
         elementwise = 2 * c * smooth if loss_type == "huber" else 2 * smooth
+    if mask is not None:
+        # Each latent element weighs the share of its pixels the mask keeps, and the plain mean over all
+        # elements follows (as kohya's masked loss does), not a mean over the kept area: an element's
+        # weight is its mask value whatever the rest of the mask is, so a small kept region is not blown
+        # up (nor an empty mask 0/0), and learning rates tuned with kohya carry over.
+        elementwise = elementwise * to_latent_grid(mask.float(), difference.shape[-2:])
     per_sample = elementwise.mean(dim=tuple(range(1, difference.dim())))
     if weights is not None:
         per_sample = per_sample * weights.float()

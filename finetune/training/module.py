@@ -132,7 +132,8 @@ class DiffusionModule(L.LightningModule):
         thresholds = None
         if cfg.type != "l2":
             thresholds = huber_thresholds(scheduler, timesteps, cfg.huber_c, cfg.huber_schedule)
-        return diffusion_loss(prediction, target, weights, cfg.type, thresholds)
+        # With data.masks the batch's loss_mask weighs each element (pixels outside it train nothing).
+        return diffusion_loss(prediction, target, weights, cfg.type, thresholds, batch.get("loss_mask"))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch)

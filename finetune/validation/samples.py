@@ -26,8 +26,10 @@ from finetune.checkpointing.rng import forked_rng
 from finetune.config.files import save_png
 from finetune.config.schema import Sampler, ValidationConfig
 from finetune.models.devices import on_device
+from finetune.models.prompts import PromptEncoder, pipeline_text_inputs
 from finetune.models.sharding import runs_sampling
 from finetune.validation.clip_score import SampleClipScore
+from finetune.validation.prompt_library import SamplePrompt, sample_prompts
 
 log = logging.getLogger(__name__)
 
@@ -85,44 +87,75 @@ def sampling_pipeline(
 @torch.no_grad()
 def generate_grid(
     pipe: StableDiffusionPipeline,
-    cfg: ValidationConfig,
-    resolution: int,
+    prompts: list[SamplePrompt],
+    images_per_prompt: int,
     conditions: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One row per prompt, `images_per_prompt` columns, fixed seeds → a [3, H, W] grid in [0, 1], and
-    the samples alone ([N, 3, H, W], prompt by prompt).
+    text_side: PromptEncoder | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One row per prompt, `images_per_prompt` columns, each row at its prompt's size, seed, guidance and
+    steps (image i of a row uses seed + i) → a [3, H, W] grid in [0, 1] (smaller tiles padded white),
+    and each row's samples alone ([n, 3, h, w]).
 
     With ControlNet `conditions` ([3, H, W] in [0, 1]; prompt i uses condition i, cycling), each row
-    starts with its conditioning image.
+    starts with its conditioning image. `text_side`: the model's text side as training reads it (clip
+    skip, long captions); without it the pipeline encodes the prompts itself.
     """
-    images, samples, count = [], [], cfg.images_per_prompt
-    for number, prompt in enumerate(cfg.prompts):
-        generators = [torch.Generator(device="cpu").manual_seed(cfg.seed + i) for i in range(count)]
-        extra = {}
+    rows, samples, count = [], [], images_per_prompt
+    for number, sample in enumerate(prompts):
+        generators = [torch.Generator(device="cpu").manual_seed(sample.seed + i) for i in range(count)]
+        extra, row = {}, []
         if conditions:
-            condition = conditions[number % len(conditions)].float().cpu()
+            condition = sized(conditions[number % len(conditions)].float().cpu(), sample.height, sample.width)
             extra["image"] = condition[None].repeat(count, 1, 1, 1)
-            images.append(condition[None])
+            row.append(condition[None])
+        negative = [sample.negative_prompt] * count if sample.negative_prompt else None
+        text = {"prompt": [sample.prompt] * count, "negative_prompt": negative}
+        if text_side is not None:
+            zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
+            text = pipeline_text_inputs(text_side, [sample.prompt] * count, negative, zeros_for_empty=zeros)
         out = pipe(
-            [prompt] * count,
-            negative_prompt=[cfg.negative_prompt] * count if cfg.negative_prompt else None,
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            height=resolution,
-            width=resolution,
+            **text,
+            num_inference_steps=sample.num_inference_steps,
+            guidance_scale=sample.guidance_scale,
+            height=sample.height,
+            width=sample.width,
             generator=generators,
             output_type="pt",
             **extra,
         )
-        images.append(out.images.float().cpu())
-        samples.append(images[-1])
-    columns = count + (1 if conditions else 0)
-    return make_grid(enlarge(torch.cat(images)), nrow=columns, padding=2, pad_value=1.0), torch.cat(samples)
+        samples.append(out.images.float().cpu())
+        rows.append(torch.cat([*row, samples[-1]]))
+    return grid_of(rows, columns=count + (1 if conditions else 0)), samples
 
 
-def validation_conditions(trainer: L.Trainer, cfg: ValidationConfig, resolution: int) -> list[torch.Tensor]:
+def grid_of(rows: list[torch.Tensor], columns: int) -> torch.Tensor:
+    """Rows of [n, 3, h, w] tiles (sizes may differ between rows) as one [3, H, W] grid: every tile
+    enlarged by one factor and centred on a white tile of the largest size."""
+    height = max(row.shape[-2] for row in rows)
+    width = max(row.shape[-1] for row in rows)
+    factor = max(1, MIN_TILE_SIZE // max(height, width))
+    tiles = []
+    for row in rows:
+        row = enlarge(row, factor)
+        top, left = (height * factor - row.shape[-2]) // 2, (width * factor - row.shape[-1]) // 2
+        tile = torch.ones(row.shape[0], row.shape[1], height * factor, width * factor)
+        tile[..., top : top + row.shape[-2], left : left + row.shape[-1]] = row
+        tiles.append(tile)
+    return make_grid(torch.cat(tiles), nrow=columns, padding=2, pad_value=1.0)
+
+
+def sized(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A [3, h, w] conditioning image at (height, width)."""
+    if image.shape[-2:] == (height, width):
+        return image
+    return torch.nn.functional.interpolate(image[None], (height, width), mode="bilinear")[0]
+
+
+def validation_conditions(
+    trainer: L.Trainer, cfg: ValidationConfig, resolution: int, count: int
+) -> list[torch.Tensor]:
     """[3, H, W] conditioning images in [0, 1] for ControlNet samples: `validation.conditioning_images`
-    (put through the data's preprocessor, e.g. canny, if it has one), else those of the first
+    (put through the data's preprocessor, e.g. canny, if it has one), else those of the first `count`
     training samples."""
     from finetune.data.buckets import choose_crop, fit_to
     from finetune.data.conditioning import preprocessor
@@ -141,12 +174,11 @@ def validation_conditions(trainer: L.Trainer, cfg: ValidationConfig, resolution:
     dataset = getattr(trainer.datamodule, "dataset", None)
     if dataset is None or not hasattr(dataset, "records") or not len(dataset):
         return []
-    return [dataset[(i % len(dataset), 0)]["conditioning_pixel_values"] for i in range(len(cfg.prompts))]
+    return [dataset[(i % len(dataset), 0)]["conditioning_pixel_values"] for i in range(count)]
 
 
-def enlarge(images: torch.Tensor) -> torch.Tensor:
-    """[N, C, H, W] images scaled up by a whole factor, pixels kept sharp, to reach MIN_TILE_SIZE."""
-    factor = MIN_TILE_SIZE // max(images.shape[-2:])
+def enlarge(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """[N, C, H, W] images scaled up by a whole factor, pixels kept sharp."""
     if factor < 2:
         return images
     return images.repeat_interleave(factor, dim=-2).repeat_interleave(factor, dim=-1)
@@ -165,6 +197,7 @@ class SampleGrid(L.Callback):
         self.untrained: torch.Tensor | None = None  # the step-0 grid: the base model's pictures
         self.latest: torch.Tensor | None = None
         self.clip_score = SampleClipScore(cfg.clip_model) if cfg.clip_model else None
+        self.prompts = sample_prompts(cfg, resolution)  # a bad prompt library fails here, before training
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         self._sample(trainer, module)
@@ -193,27 +226,37 @@ class SampleGrid(L.Callback):
 
     def _sample(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
-        if not runs_sampling(trainer, module) or step == self.last_step or not self.cfg.prompts:
+        if not runs_sampling(trainer, module) or step == self.last_step or not self.prompts:
             return
         self.last_step = step
+        count = self.cfg.images_per_prompt
         with sampling_pipeline(trainer, module, self.cfg.scheduler) as pipe:
             conditions = None
             if module.controlnet is not None:
-                conditions = validation_conditions(trainer, self.cfg, self.resolution)
-            grid, samples = generate_grid(pipe, self.cfg, self.resolution, conditions)
+                conditions = validation_conditions(trainer, self.cfg, self.resolution, len(self.prompts))
+            grid, samples = generate_grid(pipe, self.prompts, count, conditions, module.components.prompts)
         self.latest = grid
         if not trainer.is_global_zero:
             return
         path = self._save(grid, step)
         for logger in trainer.loggers:
-            log_image(logger, grid, step, caption=" | ".join(self.cfg.prompts))
+            log_image(logger, grid, step, caption=" | ".join(p.describe() for p in self.prompts))
         if self.clip_score is not None:
-            prompts = [prompt for prompt in self.cfg.prompts for _ in range(self.cfg.images_per_prompt)]
-            score = self.clip_score(samples.to(module.device), prompts)
-            if score is not None:
-                for logger in trainer.loggers:
-                    logger.log_metrics({"val/clip_score": score}, step=step)
+            self._log_clip_score(trainer, module, samples)
         log.info("samples at step %d: %s", step, path)
+
+    def _log_clip_score(
+        self, trainer: L.Trainer, module: L.LightningModule, samples: list[torch.Tensor]
+    ) -> None:
+        """The mean CLIP score of every sample against its prompt (row by row: sizes may differ)."""
+        scores = []
+        for sample, images in zip(self.prompts, samples, strict=True):
+            score = self.clip_score(images.to(module.device), [sample.prompt] * len(images))
+            if score is None:
+                return
+            scores.append(score)
+        for logger in trainer.loggers:
+            logger.log_metrics({"val/clip_score": sum(scores) / len(scores)}, step=trainer.global_step)
 
     def _save(self, grid: torch.Tensor, step: int) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)

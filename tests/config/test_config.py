@@ -213,6 +213,13 @@ def test_a_negative_rank_is_one_line_naming_the_key_before_the_model_loads(tmp_p
         (["trainer.max_steps=0"], "trainer.max_steps: 0 must be at least 1"),
         (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches: 0 must be at least 1"),
         (["validation.num_inference_steps=0"], "validation.num_inference_steps: 0 must be at least 1"),
+        (["data.max_token_length=100"], "data.max_token_length: 100 must be 75, 150 or 225"),
+        (["validation.prompts_file=/no/such/prompts.txt"], "validation.prompts_file: '/no/such/prompts.txt'"),
+        (["model.clip_skip=0"], "model.clip_skip: 0 must be at least 1"),
+        (
+            ["model.zero_terminal_snr=true", "loss.prediction_type=epsilon"],
+            "loss.prediction_type: epsilon cannot be learnt with model.zero_terminal_snr=true",
+        ),
         (["trainer.precision=17-mixed"], "trainer.precision: '17-mixed' is not one of"),
         (["trainer.precision=16-true"], "trainer.precision: '16-true' trains the weights themselves"),
         (

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import compose_config, fast_overrides
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
 
 from finetune.train import train
 
@@ -19,6 +20,7 @@ def full_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
         "method=full",
         "method.ema_decay=0.9",
         "optim.lr=1e-3",
+        "model.zero_terminal_snr=true",
     ]
     return train(compose_config(overrides))
 
@@ -53,3 +55,14 @@ def test_ema_state_is_checkpointed_and_restored(full_run, tiny_model: Path, tmp_
     overrides = fast_overrides(tiny_model, tmp_path, steps=4) + ["method=full", "method.ema_decay=0.9"]
     resumed = train(compose_config(overrides + ["optim.lr=1e-3", f"resume={checkpoint}"]))
     assert resumed.module.method.ema.optimization_step == 4
+
+
+def test_a_zero_terminal_snr_run_trains_v_on_pure_noise_at_the_end_and_marks_its_file(full_run) -> None:
+    scheduler = full_run.module.noise_scheduler
+    assert full_run.module.prediction_type == "v_prediction"
+    assert scheduler.alphas_cumprod[-1] == 0  # the last timestep holds no trace of the image
+    assert scheduler.config.timestep_spacing == "trailing"
+    exported = StableDiffusionPipeline.from_pretrained(full_run.run_dir / "model").scheduler.config
+    assert exported.rescale_betas_zero_snr and exported.prediction_type == "v_prediction"
+    with safe_open(full_run.run_dir / "model.safetensors", "pt") as handle:
+        assert {"v_pred", "ztsnr"} <= set(handle.keys())  # what ComfyUI and A1111 look for

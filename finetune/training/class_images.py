@@ -1,0 +1,103 @@
+"""DreamBooth's class images: the base model draws the ones `prior.path` lacks, before training.
+
+Image k (counting what the folder already holds) is drawn with seed `seed + k`, so a set topped up
+later matches one drawn at once, and each is saved with its prompt as its caption. A run that finds
+enough images draws none. Processes of one run (DDP ranks) take turns under a file lock: the first
+draws, the others find the folder full.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from finetune.config.errors import ConfigError
+from finetune.config.files import atomic_path, save_png
+from finetune.config.prior import PriorConfig
+from finetune.data.images import IMAGE_EXTENSIONS
+from finetune.models.loading import load_pipeline
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".class_images.lock"
+
+
+def count_images(folder: Path) -> int:
+    """Images anywhere under `folder` (kohya regularisation folders nest them one level down)."""
+    return sum(1 for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
+
+
+def check_prior(prior: PriorConfig) -> None:
+    """What a prior-preservation run needs, named before any model loads."""
+    if prior.num_images and not prior.path:
+        raise ConfigError("prior.num_images: set prior.path, the folder the class images go to")
+    if prior.num_images and not prior.prompt:
+        raise ConfigError("prior.prompt: the class prompt is needed to generate prior.num_images images")
+    if prior.path and not prior.num_images and not Path(prior.path).expanduser().is_dir():
+        raise ConfigError(f"prior.path: '{prior.path}' is not a folder (set prior.num_images to fill one)")
+
+
+def ensure_class_images(
+    prior: PriorConfig, model_cfg: Any, resolution: int, seed: int, device: str, dtype: torch.dtype
+) -> int:
+    """Draw the class images `prior.path` lacks (up to `prior.num_images`); returns how many were drawn."""
+    folder = Path(str(prior.path)).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    with _locked(folder):
+        have = count_images(folder)
+        missing = prior.num_images - have
+        if missing <= 0:
+            log.info("prior: %d class images in %s, none to generate", have, folder)
+            return 0
+        log.info("prior: generating %d class images of '%s' into %s", missing, prior.prompt, folder)
+        pipe = load_pipeline(model_cfg, dtype).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        with tqdm(total=missing, desc="class images", unit="image") as bar:
+            for start in range(have, prior.num_images, prior.batch_size):
+                numbers = list(range(start, min(start + prior.batch_size, prior.num_images)))
+                for number, image in zip(numbers, _draw(pipe, prior, numbers, resolution, seed), strict=True):
+                    _save(folder, number, image, str(prior.prompt))
+                bar.update(len(numbers))
+        del pipe
+    return missing
+
+
+@torch.no_grad()
+def _draw(pipe: Any, prior: PriorConfig, numbers: list[int], resolution: int, seed: int) -> list[Any]:
+    return pipe(
+        [str(prior.prompt)] * len(numbers),
+        negative_prompt=[prior.negative_prompt] * len(numbers) if prior.negative_prompt else None,
+        num_inference_steps=prior.num_inference_steps,
+        guidance_scale=prior.guidance_scale,
+        height=resolution,
+        width=resolution,
+        generator=[torch.Generator("cpu").manual_seed(seed + number) for number in numbers],
+    ).images
+
+
+def _save(folder: Path, number: int, image: Any, caption: str) -> None:
+    """`class_<number>.png` and its caption; a name the folder already uses gets a suffix."""
+    stem, suffix = f"class_{number:05d}", 0
+    while (folder / f"{stem}.png").exists() or (folder / f"{stem}.txt").exists():
+        suffix += 1
+        stem = f"class_{number:05d}_{suffix}"
+    with atomic_path(folder / f"{stem}.txt") as tmp:
+        tmp.write_text(caption, encoding="utf-8")
+    save_png(image, folder / f"{stem}.png")  # last: an image without its caption is never seen
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    with open(folder / LOCK_NAME, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
