@@ -28,6 +28,7 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
     """Scan `cfg.data`, print the report (every skipped file listed) and return it."""
     from finetune.data.report import build_report, format_report, write_report
     from finetune.data.scan import scan_data
+    from finetune.data.source_settings import regularisation_sources
 
     check_config(cfg)
     scan = scan_data(cfg.data, cfg.seed)
@@ -35,7 +36,9 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
         fill_disk_cache(cfg, scan)  # images that fail to decode leave the scan, with their reason
     elif cfg.data.cache == "memory":
         log.info("data.cache=memory lives in the training process only; use data.cache=disk to fill ahead")
-    report = build_report(scan.result, scan.sizes, load_tokenizer(cfg.model), cfg.data.max_token_length)
+    tokenizer = load_tokenizer(cfg.model)
+    reg = regularisation_sources(cfg.data)
+    report = build_report(scan.result, scan.sizes, tokenizer, cfg.data.max_token_length, reg)
     print(format_report(report))
     if cfg.get("report"):
         print(f"report written to {write_report(report, Path(cfg.report))}")

@@ -64,6 +64,8 @@ def train(cfg: DictConfig) -> RunResult:
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     run_dir = Path(cfg.run_dir)
     checkpoint = resolve_resume(cfg.resume, run_dir)  # a wrong path fails here, before models load
+    if cfg.prior.path:  # DreamBooth: class images, drawn by the base model where missing
+        _prepare_prior(cfg)
     data_scan = scan_data(cfg.data, cfg.seed)  # data errors surface here, before any model loads
     num_images = len(data_scan.sizes)
 
@@ -126,6 +128,24 @@ def _strategy(name: Any) -> Any:
         registered = StrategyRegistry[name]
         return registered["strategy"](**registered["init_params"], exclude_frozen_parameters=True)
     return name
+
+
+def _prepare_prior(cfg: DictConfig) -> None:
+    """Draw the class images `prior.path` lacks, and train them beside the instance images."""
+    import torch
+
+    from finetune.models.loading import weight_dtype_for
+    from finetune.models.speed import uses_cuda
+    from finetune.tiny.builder import ensure_tiny_model
+    from finetune.training.class_images import ensure_class_images, with_class_images
+
+    if cfg.prior.num_images:
+        ensure_tiny_model(cfg.model)
+        device, dtype = "cpu", torch.float32
+        if uses_cuda(str(cfg.trainer.accelerator)):
+            device, dtype = "cuda", weight_dtype_for(cfg.trainer.precision)
+        ensure_class_images(cfg.prior, cfg.model, cfg.data.resolution, cfg.seed, device, dtype)
+    cfg.data = with_class_images(cfg.data, cfg.prior)
 
 
 def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str], step: int) -> dict:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.config.errors import ConfigError
 
 
 @dataclass
@@ -24,3 +27,13 @@ class PriorConfig:
     guidance_scale: float = 7.5
     num_inference_steps: int = 25
     batch_size: int = 4
+
+
+def check_prior(prior: PriorConfig) -> None:
+    """What a prior-preservation run needs, named before any model loads."""
+    if prior.num_images and not prior.path:
+        raise ConfigError("prior.num_images: set prior.path, the folder the class images go to")
+    if prior.num_images and not prior.prompt:
+        raise ConfigError("prior.prompt: the class prompt is needed to generate prior.num_images images")
+    if prior.path and not prior.num_images and not Path(prior.path).expanduser().is_dir():
+        raise ConfigError(f"prior.path: '{prior.path}' is not a folder (set prior.num_images to fill one)")

@@ -1,36 +1,23 @@
 """Typed schemas for the config groups (registered with Hydra's ConfigStore by `config.store`).
 
 Each YAML file in `conf/` starts from one of these schemas, so a misspelt key or a wrong type fails
-when the config is composed — before any model is loaded — with a message naming the key.
+when the config is composed — before any model is loaded — with a message naming the key. The data
+group's schemas live in `config.data_schema`; they are named here too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
 
-from finetune.config.errors import ConfigError
-
-
-class Choice(str, Enum):
-    """A config value that must be one of a few words: OmegaConf rejects any other when the config is
-    composed, naming the key and the choices. Members compare equal to, and print as, their words."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    def __format__(self, spec: str) -> str:
-        return format(self.value, spec)
-
-    @classmethod
-    def of(cls, value: Any, key: str) -> Choice:
-        """`value` as a member, or one line naming `key` and the choices: for values that did not come
-        through a typed config (finetune-generate's options, code that builds configs itself)."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(cls)}") from None
+from finetune.config.choices import Choice
+from finetune.config.data_schema import (  # noqa: F401 (the data group's schemas, named here too)
+    CacheMode,
+    Crop,
+    DataConfig,
+    MissingCaption,
+    Source,
+    SourceConfig,
+)
 
 
 class PredictionType(Choice):
@@ -42,23 +29,6 @@ class Attention(Choice):
     sdpa = "sdpa"  # PyTorch's fused attention
     xformers = "xformers"  # when installed
     eager = "eager"
-
-
-class Source(Choice):
-    folder = "folder"
-    hf = "hf"
-
-
-class Crop(Choice):
-    center = "center"
-    random = "random"
-
-
-class MissingCaption(Choice):
-    skip = "skip"
-    empty = "empty"
-    default = "default"
-    error = "error"
 
 
 class LossType(Choice):
@@ -76,12 +46,6 @@ class HuberSchedule(Choice):
 class TimestepSampling(Choice):
     uniform = "uniform"
     logit_normal = "logit_normal"  # more steps in the middle of the range
-
-
-class CacheMode(Choice):
-    none = "none"
-    memory = "memory"
-    disk = "disk"
 
 
 class Optimizer(Choice):
@@ -136,79 +100,6 @@ class ModelConfig:
     # Rescale the betas so the last timestep is pure noise, space timesteps from the end and predict v
     # (the zero-terminal-SNR recipe); samplers and single-file exports follow.
     zero_terminal_snr: bool = False
-
-
-@dataclass
-class SourceConfig:
-    """Where captioned images come from: `source=folder` (path) or `source=hf` (name)."""
-
-    source: Source = Source.folder
-    path: str | None = None
-    name: str | None = None  # hub id, save_to_disk folder, or .parquet / .arrow file(s)
-    split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
-    # Column of metadata.jsonl / metadata.csv naming each image file (HF imagefolder convention).
-    file_column: str = "file_name"
-    caption_extensions: list[str] = field(default_factory=lambda: [".txt", ".caption"])
-    # ControlNet conditioning images: a parallel folder (same relative names, any image extension), or
-    # a metadata / dataset column holding them.
-    conditioning_path: str | None = None
-    conditioning_column: str | None = None
-    # How often this source's images are shown per epoch, relative to their count (may be fractional);
-    # it multiplies kohya folder repeats.
-    weight: float = 1.0
-
-
-@dataclass
-class DataConfig(SourceConfig):
-    """Captioned images: one source (the fields above) or several mixed (`sources`)."""
-
-    sources: list[SourceConfig] = field(default_factory=list)
-    streaming: bool = False  # hf only: read the dataset as a stream (too big for disk)
-    resolution: int = 512
-    crop: Crop = Crop.center
-    random_flip: bool = True
-    # Aspect-ratio buckets: equal-area sizes around `resolution`, each batch from one bucket.
-    buckets: bool = False
-    bucket_step: int = 64  # side lengths are multiples of this
-    bucket_min_side: int | None = None  # null: resolution / 2
-    bucket_max_side: int | None = None  # null: resolution * 2
-    bucket_max_ratio: float = 4.0  # longest / shortest side
-    # Captions
-    missing_caption: MissingCaption = MissingCaption.empty
-    default_caption: str = ""
-    caption_prefix: str = ""  # e.g. a trigger word: "zkz style, "
-    caption_suffix: str = ""
-    shuffle_tags: bool = False  # shuffle comma-separated tags every time an image is shown
-    keep_tokens: int = 0  # leading tags that stay in place when shuffling
-    tag_separator: str = ","
-    caption_dropout: float = 0.0
-    # Tokens a caption may have: 75 (one CLIP window), 150 or 225 (75-token windows joined, as kohya
-    # and A1111 read long prompts); longer captions are cut. null: 75.
-    max_token_length: int | None = None
-    # ControlNet: conditioning computed from each image by a preprocessor (canny), instead of read
-    conditioning: str | None = None
-    canny_low: int = 100
-    canny_high: int = 200
-    conditioning_dropout: float = 0.0  # share of samples trained with a blank conditioning image
-    # Loss masks (kohya's masked loss): `alpha` (each image's alpha channel) or a folder of greyscale
-    # images named like the images; white trains, black is ignored, grey weighs between. null: off.
-    masks: str | None = None
-    # Bad input
-    max_pixels: int = 89_478_485  # larger images are refused (decompression bombs); PIL's own limit
-    upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
-    verify: bool = False  # decode every image while scanning (slower; catches truncated files up front)
-    # Caching of VAE latents and text-encoder outputs
-    cache: CacheMode = CacheMode.none
-    cache_dir: str | None = None  # disk cache; null: ~/.cache/finetune/latents
-    # Images kept out of training (chosen by seed) for the validation loss (`validation.loss_timesteps`)
-    holdout: int = 0
-    # Loading
-    batch_size: int = 1
-    # Decoding processes; null: 4 (at most half the CPUs) when training on a GPU, else 0 (in-process)
-    num_workers: int | None = None
-    shuffle: bool = True
 
 
 @dataclass

@@ -27,9 +27,9 @@ import torch
 
 from finetune.config.files import atomic_path
 from finetune.data.buckets import choose_crop
-from finetune.data.captions import CaptionStyle
 from finetune.data.masks import LossMasks
 from finetune.data.records import ImageRecord, ImageSource
+from finetune.data.source_settings import SourceStyle
 
 CACHE_VERSION = 1  # bump when what an entry holds changes: old entries then stop matching
 DEFAULT_CACHE_DIR = Path("~/.cache/finetune/latents")
@@ -172,19 +172,18 @@ def plan_cache(
     sizes: Sequence[tuple[int, int]],
     store: CacheStore,
     *,
-    random_crop: bool,
-    random_flip: bool,
+    styles: Sequence[SourceStyle],
     seed: int,
     vae: str,
     vae_dtype: torch.dtype,
-    captions: CaptionStyle,
     text_encoder: str | None,
     text_dtype: torch.dtype | None = None,
     max_length: int = 77,
     masks: LossMasks | None = None,
 ) -> DataCache:
-    """Keys for every record's latents (and every caption's text features when `text_encoder` is set);
-    with `masks`, the latent entries hold the loss masks too."""
+    """Keys for every record's latents (and every caption's text features when `text_encoder` is set),
+    each placed as its source's style says (`styles[record.source]`: random crop, flip, caption prefix
+    and suffix); with `masks`, the latent entries hold the loss masks too."""
     entries = []
     fingerprints = Fingerprints(store.directory)
     for record, size in zip(records, sizes, strict=True):
@@ -192,7 +191,8 @@ def plan_cache(
         assert record.size is not None, "records are screened before caching"
         # One random crop per image, from its content and the run seed: stable across runs.
         generator = torch.Generator().manual_seed(int(fingerprint[:12], 16) ^ seed)
-        crop = choose_crop(*record.size, size, random_crop, generator)
+        style = styles[record.source]
+        crop = choose_crop(*record.size, size, style.random_crop, generator)
         # Only with masks: keys made without them stay as they were, so existing caches still serve.
         mask = {"mask": masks.identity(record, fingerprints.of_source)} if masks is not None else {}
         keys = {
@@ -206,16 +206,19 @@ def plan_cache(
                 dtype=str(vae_dtype),
                 **mask,
             )
-            for flip in ((False, True) if random_flip else (False,))
+            for flip in ((False, True) if style.random_flip else (False,))
         }
         entries.append(LatentEntry(keys, crop, (record.size[1], record.size[0])))
     fingerprints.save()
     cache = DataCache(store, entries)
-    if random_crop:
+    if any(style.random_crop for style in styles):
         cache.notes.append("data.cache: random crops are drawn once per image and reused every epoch")
     if text_encoder is not None:
-        texts = {f"{captions.prefix}{record.caption or ''}{captions.suffix}" for record in records}
-        if captions.dropout > 0:
+        texts = set()
+        for record in records:
+            captions = styles[record.source].captions
+            texts.add(f"{captions.prefix}{record.caption or ''}{captions.suffix}")
+        if any(style.captions.dropout > 0 for style in styles):
             texts.add("")
         cache.text_keys = {
             text: entry_key(

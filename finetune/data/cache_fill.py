@@ -14,12 +14,12 @@ from tqdm.auto import tqdm
 
 from finetune.data.buckets import fit_to
 from finetune.data.cache import CacheStore, DataCache, batched, model_identity, plan_cache
-from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages, decode_conditioning
 from finetune.data.dataset import TO_TENSOR
 from finetune.data.images import ImageDecodeError
 from finetune.data.masks import LossMasks, load_with_mask, place, to_latent_grid
 from finetune.data.records import ImageRecord, Skipped
+from finetune.data.source_settings import source_styles
 
 log = logging.getLogger(__name__)
 
@@ -128,28 +128,27 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
     are cached only when they cannot change: not while the text encoder trains, not with shuffled tags.
     """
     cfg = datamodule.cfg
-    captions = CaptionStyle.from_config(cfg)
+    styles = source_styles(cfg)
     trains_text = any(p.requires_grad for model in prompts.models for p in model.parameters())
-    cache_text = not cfg.shuffle_tags and not trains_text
+    shuffled = any(style.captions.shuffle_tags for style in styles)
+    cache_text = not shuffled and not trains_text
     store = CacheStore(cfg.cache, Path(cfg.cache_dir) if cfg.cache_dir else None)
     masks = LossMasks.from_config(cfg)
     cache = plan_cache(
         datamodule.records,
         datamodule.sizes,
         store,
-        random_crop=cfg.crop == "random",
-        random_flip=cfg.random_flip,
+        styles=styles,
         seed=datamodule.seed,
         vae=model_identity(vae),
         vae_dtype=vae.dtype,
-        captions=captions,
         text_encoder=prompts.identity(model_identity) if cache_text else None,
         text_dtype=prompts.text_encoder.dtype,
         max_length=datamodule.tokenizer.length,
         masks=masks,
     )
     if not cache_text:
-        why = "tags are shuffled" if cfg.shuffle_tags else "the text encoder trains"
+        why = "tags are shuffled" if shuffled else "the text encoder trains"
         cache.notes.append(f"data.cache: text features are not cached because {why}")
     rank, world = (strategy.global_rank, strategy.world_size) if strategy is not None else (0, 1)
     to_do = len(cache.missing_latents()) + len(cache.missing_texts())

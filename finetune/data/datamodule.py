@@ -19,13 +19,13 @@ from torch.utils.data import DataLoader
 from finetune.config.errors import DataError
 from finetune.config.schema import DataConfig
 from finetune.data.cache import DataCache
-from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.dataset import CaptionedImageDataset
 from finetune.data.masks import LossMasks
 from finetune.data.records import ImageRecord, ScanResult, Skipped
 from finetune.data.sampler import BucketBatchSampler, ResumableDataLoader
 from finetune.data.scan import DataScan, scan_data
+from finetune.data.source_settings import source_styles
 from finetune.models.prompts import CaptionTokenizer
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,12 @@ class CaptionedImageDataModule(L.LightningDataModule):
         """The held-out images as they are: centre crop, no flip, captions without dropout or shuffling."""
         if not self.holdout:
             return None
-        style = CaptionStyle(prefix=self.cfg.caption_prefix, suffix=self.cfg.caption_suffix)
         records, sizes = zip(*self.holdout, strict=True)
         return CaptionedImageDataset(
             records,
             self.tokenizer,
             sizes,
-            captions=style,
+            styles=[style.as_held_out() for style in source_styles(self.cfg)],
             conditioning=ConditioningImages.from_config(self.cfg),
             masks=LossMasks.from_config(self.cfg),  # the validation loss weighs what training does
         )
@@ -107,9 +106,7 @@ class CaptionedImageDataModule(L.LightningDataModule):
             self.records,
             self.tokenizer,
             self.sizes,
-            random_crop=self.cfg.crop == "random",
-            random_flip=self.cfg.random_flip,
-            captions=CaptionStyle.from_config(self.cfg),
+            styles=source_styles(self.cfg),
             cache=self.cache,
             conditioning=ConditioningImages.from_config(self.cfg),
             masks=LossMasks.from_config(self.cfg),

@@ -19,12 +19,12 @@ from torchvision.transforms import v2
 from finetune.config.errors import DataError
 from finetune.data.buckets import choose_crop, fit_to
 from finetune.data.cache import DataCache
-from finetune.data.captions import CaptionStyle
 from finetune.data.conditioning import ConditioningImages
 from finetune.data.images import ImageDecodeError
 from finetune.data.masks import LossMasks, load_with_mask, place
 from finetune.data.records import ImageRecord
 from finetune.data.sampler import SampleKey
+from finetune.data.source_settings import SourceStyle, marks_samples
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +50,15 @@ class CaptionedImageDataset(Dataset):
         records: Sequence[ImageRecord],
         tokenizer: Any,
         sizes: Sequence[tuple[int, int]],
-        random_crop: bool = False,
-        random_flip: bool = False,
-        captions: CaptionStyle | None = None,
+        styles: Sequence[SourceStyle] = (SourceStyle(),),
         cache: DataCache | None = None,
         conditioning: ConditioningImages | None = None,
         masks: LossMasks | None = None,
     ) -> None:
         self.records, self.sizes = records, sizes
         self.tokenizer = tokenizer  # a models.prompts.CaptionTokenizer
-        self.random_crop, self.random_flip = random_crop, random_flip
-        self.captions = captions or CaptionStyle()
+        self.styles = styles  # per source: caption changes, random crop and flip, loss weight
+        self.marks = marks_samples(styles)  # samples carry loss_weight and is_reg
         self.cache = cache
         self.conditioning = conditioning
         self.masks = masks
@@ -101,16 +99,18 @@ class CaptionedImageDataset(Dataset):
         if self.cache is not None:
             return self._cached(index, generator)
         record, size = self.records[index], self.sizes[index]
+        style = self.styles[record.source]
         image, mask = load_with_mask(record, self.masks)
-        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
-        top_left = choose_crop(image.width, image.height, size, self.random_crop, generator)
+        flip = style.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        top_left = choose_crop(image.width, image.height, size, style.random_crop, generator)
         fitted = fit_to(image, size, top_left, flip)
         item = {
             "pixel_values": TO_TENSOR(fitted.image),
-            **self.tokenize(self.captions.apply(record.caption or "", generator)),
+            **self.tokenize(style.captions.apply(record.caption or "", generator)),
             "original_size": torch.tensor(fitted.original_size),
             "crop_top_left": torch.tensor(fitted.crop_top_left),
             "index": torch.tensor(index),
+            **self._marks(style),
         }
         if mask is not None:
             item["loss_mask"] = place(mask, size, top_left, flip)
@@ -121,9 +121,9 @@ class CaptionedImageDataset(Dataset):
     def _cached(self, index: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """The sample from the cache: latent distribution, and text features when those are cached."""
         assert self.cache is not None
-        entry = self.cache.latents[index]
-        flip = self.random_flip and bool(torch.rand((), generator=generator) < 0.5)
-        caption = self.captions.apply(self.records[index].caption or "", generator)
+        entry, style = self.cache.latents[index], self.styles[self.records[index].source]
+        flip = style.random_flip and bool(torch.rand((), generator=generator) < 0.5)
+        caption = style.captions.apply(self.records[index].caption or "", generator)
         # The conditioning image first: it may fail to decode, and then nothing need be read from the cache.
         control = self._cached_conditioning(index, flip, generator) if self.conditioning is not None else None
         stored = self.cache.entry(index, flip)
@@ -132,6 +132,7 @@ class CaptionedImageDataset(Dataset):
             "original_size": torch.tensor(entry.original_size),
             "crop_top_left": torch.tensor(entry.crop_top_left),
             "index": torch.tensor(index),
+            **self._marks(style),
         }
         if self.masks is not None:  # stored beside the latents, with their crop and flip
             item["loss_mask"] = stored["loss_mask"]
@@ -152,6 +153,12 @@ class CaptionedImageDataset(Dataset):
             return self.conditioning.make(record, fitted, generator)
         # Read from its own file: the target's pixels are in the cache and its placement is known.
         return self.conditioning.read(record, size, entry.original_size, entry.crop_top_left, flip, generator)
+
+    def _marks(self, style: SourceStyle) -> dict[str, torch.Tensor]:
+        """The sample's loss weight and regularisation mark, when sources differ in them."""
+        if not self.marks:
+            return {}
+        return {"loss_weight": torch.tensor(style.loss_weight), "is_reg": torch.tensor(style.is_reg)}
 
     def tokenize(self, caption: str) -> dict[str, torch.Tensor]:
         return self.tokenizer.one(caption)

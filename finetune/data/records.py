@@ -50,6 +50,7 @@ class ImageRecord:
     size: tuple[int, int] | None = None  # (width, height) once screened, after EXIF rotation
     conditioning: ImageSource | None = None  # ControlNet: the image's conditioning image, when read
     mask: ImageSource | None = None  # data.masks=<folder>: the image's loss mask file
+    source: int = 0  # which entry of data.sources it came from (its settings: data.source_settings)
 
     def with_(self, **changes: Any) -> ImageRecord:
         return replace(self, **changes)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ def build_report(
     sizes: Sequence[tuple[int, int]],
     tokenizer: Any = None,
     max_token_length: int | None = None,
+    reg_sources: Collection[int] = (),
 ) -> dict[str, Any]:
     """A JSON-ready summary of a scan; caption lengths in tokens when a tokenizer is given, and how
-    many captions are cut at the length the encoders read (`data.max_token_length`)."""
+    many captions are cut at the length the encoders read (`data.max_token_length`); the instance and
+    regularisation images apart when `reg_sources` (their `data.sources` numbers) has any."""
     captions = [record.caption or "" for record in result.records]
     buckets = Counter(f"{width}x{height}" for width, height in sizes)
     report: dict[str, Any] = {
@@ -43,6 +45,17 @@ def build_report(
         report["caption_tokens"] = _stats(lengths)
         report["captions_truncated"] = sum(length > limit for length in lengths)
         report["token_limit"] = limit
+    if reg_sources:
+        report["instance_and_regularisation"] = {
+            kind: {
+                "images": len(records),
+                "samples_per_epoch": round(sum(record.repeats for record in records), 2),
+            }
+            for kind, records in (
+                ("instance", [r for r in result.records if r.source not in reg_sources]),
+                ("regularisation", [r for r in result.records if r.source in reg_sources]),
+            )
+        }
     report["notes"] = list(result.notes)
     report["skipped_files"] = [{"file": s.key, "reason": s.reason} for s in result.skipped]
     report["fixed_files"] = [{"file": f.key, "fix": f.what} for f in result.fixed]
@@ -65,6 +78,13 @@ def format_report(report: dict[str, Any], max_files: int | None = None) -> str:
         f"{report['uncaptioned']} without a caption; {report['samples_per_epoch']:g} samples per epoch",
         f"captions: {words['min']}-{words['max']} words (mean {words['mean']})",
     ]
+    if "instance_and_regularisation" in report:
+        lines.append(
+            "; ".join(
+                f"{kind} images: {counts['images']} ({counts['samples_per_epoch']:g} samples per epoch)"
+                for kind, counts in report["instance_and_regularisation"].items()
+            )
+        )
     if "caption_tokens" in report:
         tokens = report["caption_tokens"]
         lines.append(

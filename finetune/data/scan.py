@@ -12,6 +12,7 @@ from finetune.config.values import check_values
 from finetune.data.buckets import buckets_for, target_size
 from finetune.data.masks import ALPHA
 from finetune.data.records import ImageRecord, ScanResult, Skipped
+from finetune.data.source_settings import check_source_settings, source_views
 from finetune.data.sources import find_records
 
 Size = tuple[int, int]
@@ -41,6 +42,7 @@ class DataScan:
 def check_data_config(cfg: Any) -> None:
     """The data settings on their own: choices, ranges and combinations, in one line naming the key."""
     check_values(cfg, section="data")
+    check_source_settings(cfg)
     if cfg.buckets:
         buckets_for(cfg)  # raises if the bucket settings leave no bucket
     if cfg.holdout and cfg.streaming:
@@ -69,7 +71,8 @@ def scan_data(cfg: Any, seed: int) -> DataScan:
         StreamingCaptionedImages(cfg, None, seed).open()
         return DataScan(ScanResult(records=[], notes=[f"streaming '{cfg.name}': counts unknown"]), [])
     result = find_records(cfg)
-    scan = DataScan(result, [target_size(cfg, *record.size) for record in result.records])
+    views = source_views(cfg)  # a source may train at its own resolution
+    scan = DataScan(result, [target_size(views[record.source], *record.size) for record in result.records])
     return _hold_out(scan, cfg.holdout, seed)
 
 

@@ -34,13 +34,19 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
     for number, source in enumerate(sources or [cfg]):
         found = _scan_source(source)
         prefix = f"{number}:" if len(sources) > 1 else ""
-        weight = float(source.weight)
+        weight = float(source.weight) * float(source.repeats or 1.0)
         if weight <= 0:
             key = f"data.sources[{number}].weight" if sources else "data.weight"
             raise DataError(f"{key}: {weight} must be above 0")
+        default = source.default_caption if sources else None  # data.default_caption: the policy's
         # Every loader carries data.max_pixels, so each decode (screening, workers, cache) applies it.
         found.records = [
-            r.with_(key=prefix + r.key, repeats=r.repeats * weight).with_max_pixels(cfg.max_pixels)
+            r.with_(
+                key=prefix + r.key,
+                repeats=r.repeats * weight,
+                source=number,
+                caption=r.caption if r.caption is not None or default is None else default,
+            ).with_max_pixels(cfg.max_pixels)
             for r in found.records
         ]
         found.skipped = [Skipped(prefix + s.key, s.reason) for s in found.skipped]
@@ -51,6 +57,7 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
     if screen:
         result = screen_records(result, cfg)
     apply_caption_policy(result, cfg.missing_caption, cfg.default_caption)  # on usable images only
+    balance_regularisation(result, sources)
     result.log(_describe(cfg))
     if not result.records:
         raise DataError(_nothing_usable(cfg, result))
@@ -115,6 +122,27 @@ def apply_caption_policy(result: ScanResult, policy: str, default: str) -> None:
         f"{len(missing)} of {len(result.records)} images have no caption; training them with "
         + (f"the default caption '{caption}'" if caption else "an empty caption")
         + " (data.missing_caption)"
+    )
+
+
+def balance_regularisation(result: ScanResult, sources: list[Any]) -> None:
+    """Show the regularisation (`is_reg`) images as often per epoch, together, as the other images, as
+    kohya does: repeated when there are fewer of them, a share of them when there are more."""
+    regular = {number for number, source in enumerate(sources) if source.is_reg}
+    if not regular:
+        return
+    reg_total = sum(r.repeats for r in result.records if r.source in regular)
+    other_total = sum(r.repeats for r in result.records if r.source not in regular)
+    if reg_total == 0 or other_total == 0:
+        return
+    factor = other_total / reg_total
+    result.records = [
+        record.with_(repeats=record.repeats * factor) if record.source in regular else record
+        for record in result.records
+    ]
+    result.notes.append(
+        f"regularisation images: {reg_total:g} samples per epoch scaled to {other_total:g}, as many as the "
+        "other images give (data.sources[…].is_reg)"
     )
 
 

@@ -40,6 +40,7 @@ class DataReport(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         from finetune.data.report import build_report, format_report, write_report
+        from finetune.data.source_settings import regularisation_sources
 
         datamodule = trainer.datamodule
         if not trainer.is_global_zero or datamodule is None:
@@ -51,9 +52,9 @@ class DataReport(L.Callback):
             )
             return
         tokenizer = datamodule.tokenizer.tokenizer if datamodule.tokenizer is not None else None
-        report = build_report(
-            datamodule.scan_result, datamodule.sizes, tokenizer, datamodule.cfg.max_token_length
-        )
+        cfg = datamodule.cfg
+        reg = regularisation_sources(cfg)
+        report = build_report(datamodule.scan_result, datamodule.sizes, tokenizer, cfg.max_token_length, reg)
         log.info("data report:\n%s", format_report(report, max_files=20))
         write_report(report, self.path)
         counts = {f"data/{key}": report[key] for key in ("images", "skipped", "fixed", "uncaptioned")}

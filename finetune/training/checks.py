@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from finetune.config.errors import ConfigError
+from finetune.config.prior import check_prior
 from finetune.config.values import check_values, lightning_precisions
 from finetune.models.layout import is_sdxl_model, vae_factor
 from finetune.training.methods.adapters import check_algo
@@ -52,6 +53,14 @@ def check_config(cfg: Any) -> None:
         from finetune.training.optimizers import check_optimizer
 
         check_optimizer(cfg.optim.name)
+    prior = OmegaConf.select(cfg, "prior", default=None)
+    if prior is not None and (prior.path or prior.num_images):
+        check_prior(prior)
+        if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
+            raise ConfigError(
+                "prior.path: prior preservation is for lora and full — class images have no "
+                "conditioning images for method=controlnet"
+            )
     if OmegaConf.select(cfg, "validation.prompts_file", default=None):
         from finetune.validation.prompt_library import sample_prompts
 

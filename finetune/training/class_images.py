@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
-from finetune.config.errors import ConfigError
 from finetune.config.files import atomic_path, save_png
 from finetune.config.prior import PriorConfig
+from finetune.config.schema import SourceConfig
 from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.models.loading import load_pipeline
 
@@ -34,14 +35,39 @@ def count_images(folder: Path) -> int:
     return sum(1 for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file())
 
 
-def check_prior(prior: PriorConfig) -> None:
-    """What a prior-preservation run needs, named before any model loads."""
-    if prior.num_images and not prior.path:
-        raise ConfigError("prior.num_images: set prior.path, the folder the class images go to")
-    if prior.num_images and not prior.prompt:
-        raise ConfigError("prior.prompt: the class prompt is needed to generate prior.num_images images")
-    if prior.path and not prior.num_images and not Path(prior.path).expanduser().is_dir():
-        raise ConfigError(f"prior.path: '{prior.path}' is not a folder (set prior.num_images to fill one)")
+# The keys of a source that `data` holds itself when it has no `data.sources`.
+_SOURCE_KEYS = (
+    "source", "path", "name", "split", "image_column", "caption_column", "file_column", "caption_extensions",
+    "conditioning_path", "conditioning_column", "weight", "repeats",
+)  # fmt: skip
+
+
+def with_class_images(data: Any, prior: PriorConfig) -> Any:
+    """`data` (a DictConfig) with `prior.path` as one more source, marked `is_reg`, weighted by
+    `prior.loss_weight`, uncaptioned images captioned with `prior.prompt`. Captions of class images get
+    no prefix or suffix: a trigger word there would teach the class the instance's name."""
+    if not prior.path:
+        return data
+    data = data.copy()
+    sources = list(data.sources)
+    if not sources:  # the instance images were `data` itself: they become the first source
+        sources = [_source({key: data[key] for key in _SOURCE_KEYS})]
+        data.path = data.name = None
+    reg = {
+        "path": prior.path,
+        "is_reg": True,
+        "loss_weight": prior.loss_weight,
+        "default_caption": prior.prompt,
+        "caption_prefix": "",
+        "caption_suffix": "",
+    }
+    data.sources = [*sources, _source(reg)]
+    return data
+
+
+def _source(settings: dict[str, Any]) -> Any:
+    """A `data.sources` entry with `settings`, typed as the schema types them."""
+    return OmegaConf.merge(OmegaConf.structured(SourceConfig), settings)
 
 
 def ensure_class_images(

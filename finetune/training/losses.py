@@ -116,10 +116,11 @@ def diffusion_loss(
     loss_type: str = "l2",
     thresholds: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
+    per_sample_losses: bool = False,
 ) -> torch.Tensor:
     """The mean per-element loss of each sample in float32 (squared error, or the Huber-like ones with
     per-sample `thresholds`), optionally weighted per element by a loss `mask` ([B, 1, H, W] in [0, 1],
-    at pixels or on the latent grid) and per sample by `weights`, then averaged."""
+    at pixels or on the latent grid) and per sample by `weights`, then averaged (or each sample's, [B])."""
     difference = prediction.float() - target.float()
     if loss_type == "l2":
         elementwise = difference.square()
@@ -136,4 +137,4 @@ def diffusion_loss(
     per_sample = elementwise.mean(dim=tuple(range(1, difference.dim())))
     if weights is not None:
         per_sample = per_sample * weights.float()
-    return per_sample.mean()
+    return per_sample if per_sample_losses else per_sample.mean()

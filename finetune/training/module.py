@@ -97,15 +97,20 @@ class DiffusionModule(L.LightningModule):
             text.added = {"text_embeds": text.pooled, "time_ids": sizes}
         return text
 
-    def denoising_loss(
+    def denoising_loss(self, batch: dict[str, torch.Tensor], *fixed: Any, **by_name: Any) -> torch.Tensor:
+        """The training objective on one batch: `sample_losses` (with its fixed noise, timesteps,
+        latents, if given), each weighted by its source, averaged."""
+        return source_weighted(self.sample_losses(batch, *fixed, **by_name), batch).mean()
+
+    def sample_losses(
         self,
         batch: dict[str, torch.Tensor],
         noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The training objective on one batch; fixed `latents`/`noise`/`timesteps` make it comparable
-        across steps and runs (the validation loss)."""
+        """Each sample's loss ([B]), before its source's loss weight; fixed `latents`/`noise`/`timesteps`
+        make it comparable across steps and runs (the validation loss)."""
         cfg, scheduler = self.loss_cfg, self.noise_scheduler
         if latents is None:
             latents = self.batch_latents(batch)
@@ -133,15 +138,26 @@ class DiffusionModule(L.LightningModule):
         if cfg.type != "l2":
             thresholds = huber_thresholds(scheduler, timesteps, cfg.huber_c, cfg.huber_schedule)
         # With data.masks the batch's loss_mask weighs each element (pixels outside it train nothing).
-        return diffusion_loss(prediction, target, weights, cfg.type, thresholds, batch.get("loss_mask"))
+        mask = batch.get("loss_mask")
+        return diffusion_loss(prediction, target, weights, cfg.type, thresholds, mask, per_sample_losses=True)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.denoising_loss(batch)
+        losses = self.sample_losses(batch)
+        loss = source_weighted(losses, batch).mean()
         # No finiteness check here: it would make the CPU wait for the GPU before every backward.
         # A NaN/inf loss gives NaN/inf gradients, and the step is judged once, before the optimizer.
         self._step_losses.append(loss.detach())
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["index"].shape[0])
+        if "is_reg" in batch:
+            self._log_prior(losses.detach(), batch["is_reg"].bool())
         return loss
+
+    def _log_prior(self, losses: torch.Tensor, is_reg: torch.Tensor) -> None:
+        """DreamBooth's two losses apart, before the prior's weight: the class (regularisation) samples'
+        (train/prior_loss) and the instance samples' (train/instance_loss), in batches that have them."""
+        for name, chosen in (("train/prior_loss", is_reg), ("train/instance_loss", ~is_reg)):
+            if chosen.any():  # one host sync per step; only runs with regularisation sources get here
+                self.log(name, losses[chosen].mean(), batch_size=int(chosen.sum()))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if deepspeed_engine(self.trainer) is not None:
@@ -234,3 +250,9 @@ class DiffusionModule(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trainable weights (e.g. {sorted(missing)[0]}) — "
                 "was it written with a different method or method settings?"
             )
+
+
+def source_weighted(losses: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each sample's loss times its source's weight (`data.sources[…].loss_weight`, `prior.loss_weight`),
+    when the batch carries one."""
+    return losses * batch["loss_weight"].to(losses) if "loss_weight" in batch else losses

@@ -14,10 +14,10 @@ from finetune.config.schema import DataConfig, ModelConfig
 from finetune.data import CaptionedImageDataModule
 from finetune.data.buckets import fit_to
 from finetune.data.cache import CacheStore, plan_cache
-from finetune.data.captions import CaptionStyle
 from finetune.data.dataset import TO_TENSOR
 from finetune.data.masks import LossMasks, to_latent_grid
 from finetune.data.scan import check_data_config
+from finetune.data.source_settings import SourceStyle
 from finetune.models.loading import load_components
 
 SHAPE = (6, 4, 30, 22)  # left, top, right, bottom: off-centre, so a flip or a shifted crop shows
@@ -177,12 +177,10 @@ def _keys(root: Path, **masks) -> dict[bool, str]:
         scanned.records,
         scanned.sizes,
         CacheStore("memory"),
-        random_crop=False,
-        random_flip=True,
+        styles=[SourceStyle(random_flip=True)],
         seed=0,
         vae="vae",
         vae_dtype=torch.float32,
-        captions=CaptionStyle(),
         text_encoder=None,
         masks=LossMasks.from_config(data),
     )

@@ -67,7 +67,8 @@ def test_tensorboard_and_wandb_get_scalars_images_and_masked_config(
     assert {"train/loss", "train/grad_norm"} <= set(events.Tags()["scalars"])
     assert {"samples", "before_after"} <= set(events.Tags()["images"])
     (caption,) = events.Tensors("samples/caption/text_summary")[-1].tensor_proto.string_val
-    assert caption.decode() == "a red circle"  # the prompts of the grid, in the Text tab
+    # The prompts of the grid with the settings each was drawn with, in the Text tab
+    assert caption.decode() == "a red circle [32x32, seed 0, guidance 7.5, 2 steps]"
     assert list((run.run_dir / "wandb").glob("offline-run-*"))
     (artifact,) = logged_artifacts  # the export, as a model artifact of the run
     assert artifact.type == "model"
