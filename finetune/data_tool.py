@@ -31,6 +31,10 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
     from finetune.data.source_settings import regularisation_sources
 
     check_config(cfg)
+    if cfg.prior.path and Path(cfg.prior.path).expanduser().is_dir():  # the class images there so far
+        from finetune.training.class_images import with_class_images
+
+        cfg.data = with_class_images(cfg.data, cfg.prior)
     scan = scan_data(cfg.data, cfg.seed)
     if cfg.data.cache == "disk":
         fill_disk_cache(cfg, scan)  # images that fail to decode leave the scan, with their reason

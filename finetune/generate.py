@@ -8,6 +8,8 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -96,23 +98,29 @@ def _fuse_if_lycoris(pipe: Any, adapter: Path, scale: float) -> bool:
     return True
 
 
+@contextmanager
+def text_lora_scale(pipe: Any, scale: float) -> Iterator[None]:
+    """The pipeline's text encoders' LoRA layers at `scale` for a block (diffusers' own helpers)."""
+    from diffusers.utils import scale_lora_layers, unscale_lora_layers
+
+    encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    for encoder in encoders:
+        scale_lora_layers(encoder, scale)
+    try:
+        yield
+    finally:
+        for encoder in encoders:
+            unscale_lora_layers(encoder, scale)
+
+
 def _prompt_encoder(pipe: Any, cfg: DictConfig) -> Any:
     """The pipeline's text side read as training read it: `model.clip_skip`, `max_token_length`."""
     from finetune.config.values import TOKEN_LENGTHS
-    from finetune.models.prompts import PromptEncoder, check_clip_skip
+    from finetune.models.prompts import pipeline_prompt_encoder
 
     if cfg.max_token_length is not None and not TOKEN_LENGTHS[0](cfg.max_token_length):
         raise ConfigError(f"max_token_length: {cfg.max_token_length} {TOKEN_LENGTHS[1]}")
-    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
-    check_clip_skip(cfg.model.clip_skip, pipe.text_encoder, text_encoder_2 is not None)
-    return PromptEncoder(
-        pipe.text_encoder,
-        pipe.tokenizer,
-        text_encoder_2,
-        getattr(pipe, "tokenizer_2", None),
-        clip_skip=cfg.model.clip_skip,
-        max_token_length=cfg.max_token_length,
-    )
+    return pipeline_prompt_encoder(pipe, cfg.model.clip_skip, cfg.max_token_length)
 
 
 def generate(cfg: DictConfig) -> list[Path]:
@@ -129,7 +137,8 @@ def generate(cfg: DictConfig) -> list[Path]:
     device, dtype = _device_and_dtype(cfg)
     ensure_tiny_model(cfg.model)
     pipe = load_pipeline(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
-    pipe.scheduler = sampler_from(with_schedule_options(pipe.scheduler, cfg.model), cfg.scheduler)
+    # The sampler first, then the model's schedule options on it (the pipeline's own may not take them).
+    pipe.scheduler = with_schedule_options(sampler_from(pipe.scheduler, cfg.scheduler), cfg.model)
     extra = {}
     if cfg.adapter:
         adapter = Path(cfg.adapter).expanduser()
@@ -162,8 +171,10 @@ def generate(cfg: DictConfig) -> list[Path]:
         if control is not None:
             extra["image"] = [control] * cfg.count
         negative = [cfg.negative_prompt] * cfg.count if cfg.negative_prompt else None
-        zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
-        text = pipeline_text_inputs(prompt_encoder, [prompt] * cfg.count, negative, zeros_for_empty=zeros)
+        # A text-encoder LoRA at adapter_scale, as the pipeline's own prompt encoding would apply it
+        lora_scale = extra.get("cross_attention_kwargs", {}).get("scale", 1.0)
+        with text_lora_scale(pipe, lora_scale):
+            text = pipeline_text_inputs(prompt_encoder, [prompt] * cfg.count, negative, pipe)
         images = pipe(
             **text,
             num_inference_steps=cfg.steps,

@@ -48,8 +48,9 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.data import CaptionedImageDataModule
     from finetune.data.scan import scan_data
     from finetune.models.loading import load_components, weight_dtype_for
+    from finetune.models.schedules import with_schedule_options
     from finetune.models.sharding import full_weights
-    from finetune.models.speed import apply_speed_settings, set_matmul_precision, uses_cuda
+    from finetune.models.speed import apply_speed_settings, compiles, set_matmul_precision, uses_cuda
     from finetune.tiny.builder import ensure_tiny_model
     from finetune.training.callbacks import in_step_order
     from finetune.training.loggers import build_loggers, log_config, log_exports
@@ -76,9 +77,15 @@ def train(cfg: DictConfig) -> RunResult:
     ensure_tiny_model(cfg.model)
     components = load_components(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))
     components = replace(components, max_token_length=cfg.data.max_token_length)
+    if cfg.loss.prediction_type:  # what the U-Net learns is what samples and exports say it predicts
+        schedule = with_schedule_options(components.noise_scheduler, cfg.model, cfg.loss.prediction_type)
+        components = replace(components, noise_scheduler=schedule)
     method = build_method(cfg.method)
     components = method.prepare(components)
-    apply_speed_settings(components, cfg.model)
+    sharded = str(cfg.trainer.strategy) == "fsdp"
+    apply_speed_settings(
+        components, cfg.model, compiles(cfg.model.compile, on_cuda, cfg.trainer.max_steps, sharded)
+    )
     datamodule = CaptionedImageDataModule(cfg.data, components.prompts.captions, cfg.seed, scan=data_scan)
     module = DiffusionModule(components, method, cfg.loss, cfg.optim)
 
@@ -134,18 +141,22 @@ def _prepare_prior(cfg: DictConfig) -> None:
     """Draw the class images `prior.path` lacks, and train them beside the instance images."""
     import torch
 
+    from finetune.data.scan import check_data_config, scan_data
     from finetune.models.loading import weight_dtype_for
     from finetune.models.speed import uses_cuda
     from finetune.tiny.builder import ensure_tiny_model
-    from finetune.training.class_images import ensure_class_images, with_class_images
+    from finetune.training.class_images import count_images_missing, ensure_class_images, with_class_images
 
-    if cfg.prior.num_images:
+    with_classes = with_class_images(cfg.data, cfg.prior)
+    check_data_config(with_classes)  # the data settings with the class images, before any is drawn
+    if cfg.prior.num_images and count_images_missing(cfg.prior):
+        scan_data(cfg.data, cfg.seed)  # the instance images are there and usable, before drawing
         ensure_tiny_model(cfg.model)
         device, dtype = "cpu", torch.float32
         if uses_cuda(str(cfg.trainer.accelerator)):
             device, dtype = "cuda", weight_dtype_for(cfg.trainer.precision)
         ensure_class_images(cfg.prior, cfg.model, cfg.data.resolution, cfg.seed, device, dtype)
-    cfg.data = with_class_images(cfg.data, cfg.prior)
+    cfg.data = with_classes
 
 
 def _export(method: Any, components: Any, run_dir: Path, metadata: dict[str, str], step: int) -> dict:

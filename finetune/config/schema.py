@@ -8,6 +8,7 @@ group's schemas live in `config.data_schema`; they are named here too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from finetune.config.choices import Choice
 from finetune.config.data_schema import (  # noqa: F401 (the data group's schemas, named here too)
@@ -93,7 +94,9 @@ class ModelConfig:
     # NHWC convolutions. Off: on an H200 the eager SD1.5 LoRA step was slower with it (GroupNorm).
     channels_last: bool = False
     tf32: bool = True  # TF32 matmuls for float32 work on Ampere and newer GPUs
-    compile: bool = False  # torch.compile the U-Net / ControlNet (slow first steps, faster after)
+    # torch.compile the U-Net / ControlNet (slow first steps, faster after): true, false, or auto: on for
+    # GPU runs long enough for the compile's start-up to pay (models.speed.compiles)
+    compile: Any = "auto"
     # Text encoder layer the U-Net reads, counted from the end as kohya and A1111 do: 2 = penultimate
     # (what many SD 1.x anime models were trained with). SD 1.x / 2.x only.
     clip_skip: int = 1

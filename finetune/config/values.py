@@ -48,6 +48,7 @@ VALUE_RULES: dict[str, Rule] = {
     "optim.warmup_steps": NOT_NEGATIVE,
     "optim.max_nonfinite_in_a_row": AT_LEAST_ONE,
     "model.clip_skip": AT_LEAST_ONE,
+    "model.compile": (lambda value: value in (True, False, "auto"), "must be true, false or auto"),
     "loss.snr_gamma": ABOVE_ZERO,
     "loss.noise_offset": NOT_NEGATIVE,
     "loss.huber_c": (lambda value: 0 < value <= 1, "must be above 0 and at most 1"),

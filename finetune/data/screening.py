@@ -20,6 +20,7 @@ from finetune.data.buckets import target_size
 from finetune.data.images import ImageDecodeError, has_alpha
 from finetune.data.masks import ALPHA
 from finetune.data.records import Fixed, ImageRecord, ImageSource, ScanResult, Skipped
+from finetune.data.source_settings import source_views
 
 # EXIF orientations 5-8 turn the image a quarter: width and height swap once it is upright.
 _QUARTER_TURNS = {5, 6, 7, 8}
@@ -54,7 +55,8 @@ def screen_records(result: ScanResult, cfg: Any) -> ScanResult:
     verify = bool(getattr(cfg, "verify", False))
     without_alpha = []  # data.masks=alpha: images that train whole, having no alpha channel
     with ThreadPoolExecutor(_THREADS) as pool:
-        outcomes = pool.map(lambda record: _screen(record, cfg, verify), result.records)
+        views = source_views(cfg)  # each record screened against its own source's target size
+        outcomes = pool.map(lambda record: _screen(record, views[record.source], verify), result.records)
         for record, outcome in zip(result.records, outcomes, strict=True):
             if isinstance(outcome, Skipped):
                 screened.skipped.append(outcome)

@@ -34,7 +34,9 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
     for number, source in enumerate(sources or [cfg]):
         found = _scan_source(source)
         prefix = f"{number}:" if len(sources) > 1 else ""
-        weight = float(source.weight) * float(source.repeats or 1.0)
+        # A source's own repeats, else data.repeats (which is the source's when data is the source)
+        repeats = source.repeats if source.repeats is not None else cfg.repeats
+        weight = float(source.weight) * float(repeats)
         if weight <= 0:
             key = f"data.sources[{number}].weight" if sources else "data.weight"
             raise DataError(f"{key}: {weight} must be above 0")

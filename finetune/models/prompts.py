@@ -192,12 +192,30 @@ def _hidden_states(text_encoder: Any, ids: torch.Tensor, clip_skip: int) -> torc
     return text_model.final_layer_norm(states[-clip_skip])
 
 
+def pipeline_prompt_encoder(
+    pipe: Any, clip_skip: int = 1, max_token_length: int | None = None
+) -> PromptEncoder:
+    """A diffusers SD or SDXL pipeline's text side, read at `clip_skip` (checked against its encoder)
+    and `max_token_length`."""
+    text_encoder_2 = getattr(pipe, "text_encoder_2", None)
+    check_clip_skip(clip_skip, pipe.text_encoder, text_encoder_2 is not None)
+    return PromptEncoder(
+        pipe.text_encoder,
+        pipe.tokenizer,
+        text_encoder_2,
+        getattr(pipe, "tokenizer_2", None),
+        clip_skip=clip_skip,
+        max_token_length=max_token_length,
+    )
+
+
 def pipeline_text_inputs(
-    prompts: PromptEncoder, texts: list[str], negative: list[str] | None, zeros_for_empty: bool = False
+    prompts: PromptEncoder, texts: list[str], negative: list[str] | None, pipe: Any = None
 ) -> dict[str, Any]:
-    """A diffusers pipeline's text arguments for `texts`: the strings where its own encoding matches
-    training's, else embeddings from `prompts` (clip skip, long captions). `zeros_for_empty`: SDXL's
-    `force_zeros_for_empty_prompt`, for a missing negative prompt."""
+    """`pipe`'s text arguments for `texts`: the strings where its own encoding matches training's, else
+    embeddings from `prompts` (clip skip, long captions); a missing negative prompt is zeros where the
+    pipeline says so (SDXL's `force_zeros_for_empty_prompt`)."""
+    zeros_for_empty = pipe is not None and bool(pipe.config.get("force_zeros_for_empty_prompt", False))
     if prompts.is_standard:
         return {"prompt": texts, "negative_prompt": negative}
     device = prompts.text_encoder.device

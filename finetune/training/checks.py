@@ -46,6 +46,11 @@ def check_config(cfg: Any) -> None:
                 "model.pretrained: single-file SDXL checkpoints are not supported yet — give its diffusers "
                 "folder or hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
             )
+        if cfg.model.clip_skip > 1 and is_sdxl_model(cfg.model):
+            raise ConfigError(
+                "model.clip_skip: SDXL already conditions on its encoders' penultimate layers; "
+                "clip_skip is for SD 1.x / 2.x models — leave it at 1"
+            )
         if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
             raise ConfigError("model.attention: 'xformers' needs the xformers package — or use sdpa")
         check_schedule(cfg)
@@ -56,6 +61,11 @@ def check_config(cfg: Any) -> None:
     prior = OmegaConf.select(cfg, "prior", default=None)
     if prior is not None and (prior.path or prior.num_images):
         check_prior(prior)
+        masks = OmegaConf.select(cfg, "data.masks", default=None)
+        if masks and masks != "alpha":
+            raise ConfigError(
+                "prior.path: class images have no mask files — with prior preservation use data.masks=alpha"
+            )
         if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
             raise ConfigError(
                 "prior.path: prior preservation is for lora and full — class images have no "
@@ -115,7 +125,7 @@ def check_strategy(cfg: Any) -> None:
             raise ConfigError(
                 f"trainer.precision: '{precision}' is not available with trainer=fsdp — use bf16-mixed"
             )
-        if OmegaConf.select(cfg, "model.compile", default=False):
+        if OmegaConf.select(cfg, "model.compile", default=False) is True:
             raise ConfigError("model.compile: not available with trainer=fsdp yet — set model.compile=false")
         if OmegaConf.select(cfg, "method.name") == "full" and OmegaConf.select(cfg, "method.ema"):
             raise ConfigError(
@@ -152,12 +162,18 @@ def check_latent_shapes(cfg: Any) -> None:
     """Training sizes must map to whole latents, or the VAE would silently crop or pad them."""
     factor = vae_factor(cfg.model)
     data = cfg.data
-    if data.resolution % factor:
-        lower = data.resolution // factor * factor
-        raise ConfigError(
-            f"data.resolution: {data.resolution} is not a multiple of the VAE factor {factor} — "
-            f"use {lower} or {lower + factor}"
-        )
+    resolutions = [("data.resolution", data.resolution)] + [
+        (f"data.sources[{number}].resolution", source.resolution)
+        for number, source in enumerate(data.sources or [])
+        if source.resolution is not None
+    ]
+    for key, resolution in resolutions:
+        if resolution % factor:
+            lower = resolution // factor * factor
+            raise ConfigError(
+                f"{key}: {resolution} is not a multiple of the VAE factor {factor} — "
+                f"use {lower} or {lower + factor}"
+            )
     if data.buckets and data.bucket_step % factor:
         raise ConfigError(
             f"data.bucket_step: {data.bucket_step} is not a multiple of the VAE factor {factor} — "

@@ -24,10 +24,18 @@ from finetune.config.prior import PriorConfig
 from finetune.config.schema import SourceConfig
 from finetune.data.images import IMAGE_EXTENSIONS
 from finetune.models.loading import load_pipeline
+from finetune.models.prompts import pipeline_prompt_encoder, pipeline_text_inputs
+from finetune.models.schedules import predicting
 
 log = logging.getLogger(__name__)
 
 LOCK_NAME = ".class_images.lock"
+
+
+def count_images_missing(prior: PriorConfig) -> int:
+    """How many class images `prior.path` lacks to reach `prior.num_images`."""
+    folder = Path(str(prior.path)).expanduser()
+    return max(0, prior.num_images - (count_images(folder) if folder.is_dir() else 0))
 
 
 def count_images(folder: Path) -> int:
@@ -85,10 +93,15 @@ def ensure_class_images(
         log.info("prior: generating %d class images of '%s' into %s", missing, prior.prompt, folder)
         pipe = load_pipeline(model_cfg, dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
+        # The base model as it is: its prediction type (if the user corrects it), not the run's new
+        # schedule (zero terminal SNR is what the run teaches, not what the base draws with).
+        pipe.scheduler = predicting(pipe.scheduler, model_cfg.prediction_type)
+        text_side = pipeline_prompt_encoder(pipe, model_cfg.clip_skip)  # as users sample it
         with tqdm(total=missing, desc="class images", unit="image") as bar:
             for start in range(have, prior.num_images, prior.batch_size):
                 numbers = list(range(start, min(start + prior.batch_size, prior.num_images)))
-                for number, image in zip(numbers, _draw(pipe, prior, numbers, resolution, seed), strict=True):
+                drawn = _draw(pipe, text_side, prior, numbers, resolution, seed)
+                for number, image in zip(numbers, drawn, strict=True):
                     _save(folder, number, image, str(prior.prompt))
                 bar.update(len(numbers))
         del pipe
@@ -96,10 +109,13 @@ def ensure_class_images(
 
 
 @torch.no_grad()
-def _draw(pipe: Any, prior: PriorConfig, numbers: list[int], resolution: int, seed: int) -> list[Any]:
+def _draw(
+    pipe: Any, text_side: Any, prior: PriorConfig, numbers: list[int], resolution: int, seed: int
+) -> list[Any]:
+    negative = [prior.negative_prompt] * len(numbers) if prior.negative_prompt else None
+    text = pipeline_text_inputs(text_side, [str(prior.prompt)] * len(numbers), negative, pipe)
     return pipe(
-        [str(prior.prompt)] * len(numbers),
-        negative_prompt=[prior.negative_prompt] * len(numbers) if prior.negative_prompt else None,
+        **text,
         num_inference_steps=prior.num_inference_steps,
         guidance_scale=prior.guidance_scale,
         height=resolution,

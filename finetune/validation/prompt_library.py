@@ -102,6 +102,7 @@ def parse_prompt_line(line: str, defaults: SamplePrompt, where: str = "prompt") 
     parts = _FLAG.split(" " + line.strip())
     settings: dict[str, Any] = {"prompt": parts[0].strip()}
     for flag, value in zip(parts[1::2], parts[2::2], strict=True):
+        flag = flag.lower()  # kohya reads --W as --w
         if flag not in FLAGS:
             known = ", ".join(f"--{name}" for name in FLAGS)
             raise ConfigError(f"validation.prompts_file: {where}: unknown flag --{flag} (known: {known})")
@@ -117,7 +118,8 @@ def _from_record(record: Any, defaults: SamplePrompt, where: str) -> SamplePromp
     unknown = set(record) - {f.name for f in fields(SamplePrompt)}
     if unknown:
         raise ConfigError(f"validation.prompts_file: {where}: unknown key(s) {', '.join(sorted(unknown))}")
-    return _checked(dict(record), defaults, where)
+    # A key set to null (yaml `~`, json null) is left to the defaults, as if absent.
+    return _checked({key: value for key, value in record.items() if value is not None}, defaults, where)
 
 
 def _checked(settings: dict[str, Any], defaults: SamplePrompt, where: str) -> SamplePrompt:

@@ -111,8 +111,7 @@ def generate_grid(
         negative = [sample.negative_prompt] * count if sample.negative_prompt else None
         text = {"prompt": [sample.prompt] * count, "negative_prompt": negative}
         if text_side is not None:
-            zeros = bool(pipe.config.get("force_zeros_for_empty_prompt", False))
-            text = pipeline_text_inputs(text_side, [sample.prompt] * count, negative, zeros_for_empty=zeros)
+            text = pipeline_text_inputs(text_side, [sample.prompt] * count, negative, pipe)
         out = pipe(
             **text,
             num_inference_steps=sample.num_inference_steps,

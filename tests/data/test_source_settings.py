@@ -129,3 +129,28 @@ def test_a_source_without_settings_changes_nothing(tmp_path, tokenizer) -> None:
         assert a.keys() == b.keys()  # no loss_weight / is_reg when every source is alike
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_a_source_resolution_is_screened_and_checked_as_its_own(tmp_path) -> None:
+    from conftest import compose_config
+
+    from finetune.training.checks import check_config
+
+    small = folder(tmp_path / "small", 2, "red", size=(40, 40))
+    data = DataConfig(
+        resolution=32,
+        upscale_small=False,
+        repeats=3,  # every source's, when it sets none of its own
+        sources=[SourceConfig(path=str(small)), SourceConfig(path=str(small), resolution=48, repeats=1)],
+    )
+    module = CaptionedImageDataModule(data, None, seed=0)
+    assert {r.key[0] for r in module.records} == {"0"}  # 40 px is too small for 48 without upscaling
+    assert {r.repeats for r in module.records} == {3.0}
+    assert any("smaller than its target 48 x 48" in s.reason for s in module.scan_result.skipped)
+    cfg = compose_config(
+        ["model.build_tiny=true", "data.path=null", f"data.sources=[{{path: {small}, resolution: 31}}]"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"data.sources\[0\].resolution: 31 is not a multiple of the VAE factor"
+    ):
+        check_config(cfg)

@@ -78,3 +78,14 @@ def test_eager_attention_channels_last_and_adafactor_train(tiny_model: Path, tmp
     lora_b = [p for n, p in unet.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in lora_b)  # zero-initialised, so non-zero means it trained
     assert (run.run_dir / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_compile_auto_is_on_for_long_gpu_runs_only() -> None:
+    from finetune.models.speed import AUTO_COMPILE_STEPS, compiles
+
+    assert compiles("auto", on_cuda=True, max_steps=AUTO_COMPILE_STEPS)
+    assert compiles("auto", on_cuda=True, max_steps=-1)  # no step limit: epochs
+    assert not compiles("auto", on_cuda=True, max_steps=AUTO_COMPILE_STEPS - 1)
+    assert not compiles("auto", on_cuda=False, max_steps=10_000)
+    assert not compiles("auto", on_cuda=True, max_steps=10_000, sharded=True)
+    assert compiles(True, on_cuda=False, max_steps=1) and not compiles(False, on_cuda=True, max_steps=10_000)

@@ -75,3 +75,14 @@ def test_prior_settings_that_cannot_work_are_named_before_anything_loads(tmp_pat
         with pytest.raises(ConfigError, match=message):
             train(compose_config(base + overrides))
     assert not (tmp_path / "never").exists()
+
+
+def test_nothing_is_drawn_when_the_data_cannot_train(tmp_path: Path) -> None:
+    classes = tmp_path / "class"
+    prior = [f"prior.path={classes}", "prior.prompt=a dog", "prior.num_images=2"]
+    base = fast_overrides(tmp_path / "never", tmp_path / "run") + ["model.build_tiny=true"]
+    with pytest.raises(ConfigError, match="prior.path: class images have no mask files"):
+        train(compose_config(base + prior + [f"data.masks={tmp_path}"]))
+    with pytest.raises(Exception, match="data.path"):
+        train(compose_config(base + prior + [f"data.path={tmp_path / 'typo'}"]))
+    assert not (tmp_path / "never").exists() and not list(classes.glob("*.png"))

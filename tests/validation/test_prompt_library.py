@@ -34,6 +34,7 @@ def test_kohya_flags_set_each_setting_and_the_rest_come_from_validation() -> Non
     assert parse_prompt_line("a red circle --d 7", DEFAULTS) == SamplePrompt(
         "a red circle", "", 512, 512, 7, 7.5, 25
     )
+    assert parse_prompt_line("a cat --W 64 --H 32", DEFAULTS).width == 64  # flags in either case
     # Order is free; a "--" that is not a flag is part of the prompt.
     assert parse_prompt_line("a -- b --s 4 --w 64", DEFAULTS) == SamplePrompt(
         "a -- b", "", 64, 512, 3, 7.5, 4
@@ -65,7 +66,7 @@ def test_text_yaml_and_json_libraries_read_alike(tmp_path: Path) -> None:
         "# comments and blank lines are skipped\n\na red circle --w 64\n  a star --n dark --d 9\n"
     )
     records = [
-        {"prompt": "a red circle", "width": 64},
+        {"prompt": "a red circle", "width": 64, "negative_prompt": None},  # null: as if absent
         {"prompt": "a star", "negative_prompt": "dark", "seed": 9},
     ]
     (tmp_path / "p.yaml").write_text(

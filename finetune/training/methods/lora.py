@@ -136,8 +136,11 @@ def read_init_from(cfg: LoraMethodConfig) -> LoraFile | None:
 
 def _used_layers(text_encoder: torch.nn.Module, components: Components) -> list[int] | None:
     """The layers whose output reaches the U-Net; None for all. SDXL reads its first text encoder's
-    penultimate layer, so the last layer's adapter would never train (and DDP refuses unused weights);
-    the second encoder's last layer feeds the pooled text."""
-    if not components.is_sdxl or text_encoder is not components.text_encoder:
+    penultimate layer, and `model.clip_skip` = n the n-th from the end, so the adapters of the layers
+    after it would never train (and DDP refuses unused weights); SDXL's second encoder's last layer
+    feeds the pooled text."""
+    if text_encoder is not components.text_encoder:
         return None
-    return list(range(text_encoder.config.num_hidden_layers - 1))
+    skipped = 1 if components.is_sdxl else components.clip_skip - 1
+    layers = text_encoder.config.num_hidden_layers
+    return list(range(layers - skipped)) if skipped else None
