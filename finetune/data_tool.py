@@ -38,8 +38,11 @@ def data_report(cfg: DictConfig) -> dict[str, Any]:
     scan = scan_data(cfg.data, cfg.seed)
     if cfg.data.cache == "disk":
         fill_disk_cache(cfg, scan)  # images that fail to decode leave the scan, with their reason
-    elif cfg.data.cache == "memory":
-        log.info("data.cache=memory lives in the training process only; use data.cache=disk to fill ahead")
+    elif cfg.data.cache in ("memory", "auto"):
+        log.info(
+            "data.cache=%s is decided and filled in the training process; use data.cache=disk to fill ahead",
+            cfg.data.cache,
+        )
     tokenizer = load_tokenizer(cfg.model)
     reg = regularisation_sources(cfg.data)
     report = build_report(scan.result, scan.sizes, tokenizer, cfg.data.max_token_length, reg)

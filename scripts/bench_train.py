@@ -1,7 +1,7 @@
 """`bench.py train`: our training against a plain reference loop, same process, same data.
 
     .venv/bin/python scripts/bench.py train                      # tiny model, CPU, 32 px, batch 4
-    .venv/bin/python scripts/bench.py train --cache              # also our run with data.cache=memory
+    .venv/bin/python scripts/bench.py train --cache              # after the default, cache=none and =memory
     python scripts/bench.py train --model sd15 --resolution 512 --batch-size 8 \\
         --precision bf16-mixed --device cuda --cache --json sd15.json
 
@@ -57,7 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
-    parser.add_argument("--cache", action="store_true", help="also time our run with data.cache=memory")
+    parser.add_argument(
+        "--cache",
+        action="store_true",
+        help="after the default (data.cache=auto), also data.cache=none and memory",
+    )
     parser.add_argument("--data", type=Path, default=PROJECT_DIR / "data" / "style", help="captioned images")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, both runs")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -281,10 +285,9 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         model_dir = prepare_model(args, work)
-        runs = [
-            run_ours(args, model_dir, work, cache)
-            for cache in (("none", "memory") if args.cache else ("none",))
-        ]
+        # The default configuration first (data.cache=auto), then each option alone.
+        caches = ("auto", "none", "memory") if args.cache else ("auto",)
+        runs = [run_ours(args, model_dir, work, cache) for cache in caches]
         reference, flops = run_reference(reference_setup(args, model_dir), args.warmup, args.steps)
     peak, device_name = peak_flops(args.device, args.peak_flops)
     setup = describe(args, device_name, flops, peak)

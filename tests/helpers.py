@@ -73,8 +73,8 @@ class PoisonSteps(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, module, batch, batch_idx: int) -> None:
         self.seen += 1
-        if self.what == "loss" and self.seen in self.batches:
-            batch["pixel_values"].fill_(float("nan"))
+        if self.what == "loss" and self.seen in self.batches:  # the images, or their cached latents
+            batch["pixel_values" if "pixel_values" in batch else "latent_dist"].fill_(float("nan"))
 
     def on_after_backward(self, trainer: L.Trainer, module) -> None:
         if self.what == "gradient" and self.seen in self.batches:

@@ -25,6 +25,7 @@ class MissingCaption(Choice):
 
 
 class CacheMode(Choice):
+    auto = "auto"  # what trains the same as without: memory under data.cache_budget_gib, disk above
     none = "none"
     memory = "memory"
     disk = "disk"
@@ -110,7 +111,8 @@ class DataConfig(SourceConfig):
     upscale_small: bool = True  # images smaller than their target size: upscale (noted) or skip
     verify: bool = False  # decode every image while scanning (slower; catches truncated files up front)
     # Caching of VAE latents and text-encoder outputs
-    cache: CacheMode = CacheMode.none
+    cache: CacheMode = CacheMode.auto
+    cache_budget_gib: float = 4.0  # data.cache=auto: in memory up to this size, on disk above it
     cache_dir: str | None = None  # disk cache; null: ~/.cache/finetune/latents
     # Images kept out of training (chosen by seed) for the validation loss (`validation.loss_timesteps`)
     holdout: int = 0

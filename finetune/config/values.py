@@ -66,6 +66,7 @@ VALUE_RULES: dict[str, Rule] = {
     "data.caption_dropout": PROBABILITY,
     "data.conditioning_dropout": PROBABILITY,
     "data.keep_tokens": NOT_NEGATIVE,
+    "data.cache_budget_gib": NOT_NEGATIVE,
     "data.max_token_length": TOKEN_LENGTHS,
     "data.holdout": NOT_NEGATIVE,
     "data.num_workers": NOT_NEGATIVE,

@@ -121,7 +121,9 @@ def _encode_texts(cache: DataCache, prompts: Any, texts: list[str], batch_size: 
         bar.update(len(batch))
 
 
-def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None) -> DataCache:
+def prepare_cache(
+    datamodule: Any, vae: Any, prompts: Any, strategy: Any = None, mode: str | None = None
+) -> DataCache:
     """Plan the datamodule's cache, fill it (each rank its share), share the results across ranks.
 
     Images that fail to decode here are dropped from the datamodule with their reason. Text features
@@ -132,7 +134,8 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
     trains_text = any(p.requires_grad for model in prompts.models for p in model.parameters())
     shuffled = any(style.captions.shuffle_tags for style in styles)
     cache_text = not shuffled and not trains_text
-    store = CacheStore(cfg.cache, Path(cfg.cache_dir) if cfg.cache_dir else None)
+    mode = mode or cfg.cache  # memory or disk (data.cache=auto has been decided by the caller)
+    store = CacheStore(mode, Path(cfg.cache_dir) if cfg.cache_dir else None)
     masks = LossMasks.from_config(cfg)
     cache = plan_cache(
         datamodule.records,
@@ -176,9 +179,7 @@ def prepare_cache(datamodule: Any, vae: Any, prompts: Any, strategy: Any = None)
     for note in cache.notes:
         log.info(note)
     where = f" (in {store.directory})" if store.directory else ""
-    log.info(
-        "data.cache=%s: %d entries computed, %d reused%s", cfg.cache, cache.computed, cache.reused, where
-    )
+    log.info("data.cache=%s: %d entries computed, %d reused%s", mode, cache.computed, cache.reused, where)
     if failed:
         dropped = dict(failed)  # (index, why): one per image, as one rank decodes each image
         for skipped in dropped.values():

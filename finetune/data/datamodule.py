@@ -116,10 +116,16 @@ class CaptionedImageDataModule(L.LightningDataModule):
         """Plan and fill the cache `data.cache` asks for (ranks share the work); None when it is off.
         `prompts`: the model's `PromptEncoder` (text encoders and tokenizers)."""
         from finetune.data.cache_fill import prepare_cache
+        from finetune.data.cache_policy import auto_cache_mode
 
-        if self.cfg.cache == "none":
+        mode = self.cfg.cache
+        if mode == "auto":
+            mode, why = auto_cache_mode(self.cfg, self.records, self.sizes, vae, prompts)
+            self.scan_result.notes.append(f"data.cache=auto: {mode} — {why}")
+            log.info("data.cache=auto: %s — %s", mode, why)
+        if mode == "none":
             return None
-        self.cache = prepare_cache(self, vae, prompts, strategy)
+        self.cache = prepare_cache(self, vae, prompts, strategy, mode)
         self.setup("fit")  # the dataset now reads from the cache
         return self.cache
 

@@ -38,7 +38,7 @@ def check_streaming(cfg: Any, max_steps: int) -> None:
     if cfg.source != "hf" or cfg.sources:
         raise ConfigError("data.streaming: only a single data.source=hf dataset can be streamed")
     for key, off in (("buckets", False), ("cache", "none")):
-        if getattr(cfg, key) != off:
+        if getattr(cfg, key) != off and not (key == "cache" and cfg.cache == "auto"):  # auto: none
             raise ConfigError(f"data.{key}: not available with data.streaming=true — set data.{key}={off}")
     if max_steps is None or max_steps < 1:
         raise ConfigError("trainer.max_steps: a stream has no length — set how many steps to train")

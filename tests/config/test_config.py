@@ -67,7 +67,7 @@ def test_every_lightning_trainer_argument_is_a_config_key() -> None:
         ("data.crop=middle", "data.crop", "[center, random]"),
         ("optim.scheduler=steep", "optim.scheduler", "[constant, cosine, linear, cosine_with_restarts, poly"),
         ("data.source=s3", "data.source", "[folder, hf]"),
-        ("data.cache=ram", "data.cache", "[none, memory, disk]"),
+        ("data.cache=ram", "data.cache", "[auto, none, memory, disk]"),
         ("data.missing_caption=drop", "data.missing_caption", "[skip, empty, default, error]"),
         ("model.attention=flash", "model.attention", "[sdpa, xformers, eager]"),
         ("model.prediction_type=x0", "model.prediction_type", "[epsilon, v_prediction]"),

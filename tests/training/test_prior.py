@@ -40,6 +40,7 @@ def test_class_images_are_drawn_once_trained_as_regularisation_and_logged_apart(
     assert sorted(drawn) == ["class_00000.png", "class_00001.png", "class_00002.png"]
     assert {p.read_text() for p in classes.glob("*.txt")} == {"a red circle"}  # saved with its caption
     report = json.loads((run.run_dir / "data_report.json").read_text())
+    assert any(note.startswith("data.cache=auto: memory") for note in report["notes"])  # the default
     counts = report["instance_and_regularisation"]
     assert counts["regularisation"]["images"] == 3
     assert counts["regularisation"]["samples_per_epoch"] == counts["instance"]["samples_per_epoch"]
