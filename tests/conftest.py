@@ -53,6 +53,9 @@ def fast_overrides(tiny_model: Path, run_dir: Path, steps: int = 4) -> list[str]
         f"model.pretrained={tiny_model}",
         f"run_dir={run_dir}",
         f"data.path={STYLE_DATA}",
+        # Images straight from disk: the suite's ~150 runs skip the cache pre-pass (seconds each in CI).
+        # data.cache=auto, the default, has its own tests (tests/data/test_cache_policy.py, test_prior.py).
+        "data.cache=none",
         "data.batch_size=2",
         f"trainer.max_steps={steps}",
         "trainer.accelerator=cpu",

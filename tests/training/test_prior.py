@@ -33,6 +33,7 @@ def test_class_images_are_drawn_once_trained_as_regularisation_and_logged_apart(
         "prior.num_images=3",
         "prior.num_inference_steps=2",
         "prior.loss_weight=0.5",
+        "data.cache=auto",  # the default, which fast_overrides turns off
     ]
     run = train(compose_config(fast_overrides(tiny_model, tmp_path / "run", steps=3) + prior))
 
