@@ -153,7 +153,8 @@ class PromptEncoder:
 
 
 def check_clip_skip(clip_skip: int, text_encoder: Any, is_sdxl: bool) -> None:
-    """`model.clip_skip` must name a layer the text encoder has; SDXL reads its fixed layer already."""
+    """`model.clip_skip` must name a layer the text encoder has; SDXL reads its fixed layer already (its
+    text encoder need not be given, then)."""
     if clip_skip == 1:
         return
     if is_sdxl:

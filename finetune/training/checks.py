@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 from finetune.config.errors import ConfigError
 from finetune.config.prior import check_prior
 from finetune.config.values import check_values, lightning_precisions
+from finetune.data.masks import ALPHA
 from finetune.models.layout import is_sdxl_model, vae_factor
+from finetune.models.prompts import check_clip_skip
 from finetune.training.methods.adapters import check_algo
 from finetune.training.methods.lora import read_init_from
 
@@ -47,10 +49,7 @@ def check_config(cfg: Any) -> None:
                 "folder or hub id (e.g. stabilityai/stable-diffusion-xl-base-1.0)"
             )
         if cfg.model.clip_skip > 1 and is_sdxl_model(cfg.model):
-            raise ConfigError(
-                "model.clip_skip: SDXL already conditions on its encoders' penultimate layers; "
-                "clip_skip is for SD 1.x / 2.x models — leave it at 1"
-            )
+            check_clip_skip(cfg.model.clip_skip, None, is_sdxl=True)  # refused before the model loads
         if cfg.model.attention == "xformers" and importlib.util.find_spec("xformers") is None:
             raise ConfigError("model.attention: 'xformers' needs the xformers package — or use sdpa")
         check_schedule(cfg)
@@ -62,7 +61,7 @@ def check_config(cfg: Any) -> None:
     if prior is not None and (prior.path or prior.num_images):
         check_prior(prior)
         masks = OmegaConf.select(cfg, "data.masks", default=None)
-        if masks and masks != "alpha":
+        if masks and masks != ALPHA:
             raise ConfigError(
                 "prior.path: class images have no mask files — with prior preservation use data.masks=alpha"
             )
