@@ -23,10 +23,6 @@ from finetune.config.errors import ConfigError, run_command
 from finetune.config.files import atomic_dir
 from finetune.config.schema import ModelConfig
 from finetune.config.store import CONF_DIR, register_configs
-from finetune.export import lora_tools
-from finetune.export.lora_apply import fuse_file, pipeline_models
-from finetune.export.lora_file import check_output, read_lora_file
-from finetune.models.loading import load_pipeline
 
 log = logging.getLogger("finetune")
 register_configs()
@@ -34,6 +30,10 @@ register_configs()
 
 def run(cfg: DictConfig) -> Any:
     """Carry out `cfg.command`; returns what it printed, as data (for tests and scripts)."""
+    # Here, not at the top: `--help` and config errors come without importing torch and peft.
+    from finetune.export import lora_tools
+    from finetune.export.lora_file import check_output
+
     command = str(cfg.command)
     if command == "inspect":
         result = lora_tools.inspect(_given(cfg, "file"))
@@ -73,6 +73,9 @@ def run(cfg: DictConfig) -> Any:
 def merge(model: Any, loras: list[tuple[str, float]], out: str) -> dict[str, Path]:
     """Fuse weighted LoRA-family files into the base model: a diffusers folder `out`, and for
     SD 1.x / 2.x the original-layout single file `out.safetensors` beside it."""
+    from finetune.export.lora_apply import fuse_file, pipeline_models
+    from finetune.export.lora_file import read_lora_file
+
     folder = Path(out).with_suffix("") if Path(out).suffix == ".safetensors" else Path(out)
     single = folder.with_name(f"{folder.name}.safetensors")
     inputs = [Path(path).resolve() for path, _ in loras] + [Path(str(model.pretrained)).resolve()]
@@ -97,6 +100,7 @@ def merge(model: Any, loras: list[tuple[str, float]], out: str) -> dict[str, Pat
 
 def _base_pipeline(model: Any) -> Any:
     """The `model` group's pipeline (the shipped tiny model is built first where it is missing)."""
+    from finetune.models.loading import load_pipeline
     from finetune.tiny.builder import ensure_tiny_model
 
     ensure_tiny_model(model)
@@ -104,6 +108,8 @@ def _base_pipeline(model: Any) -> Any:
 
 
 def _pipeline(source: str) -> Any:
+    from finetune.models.loading import load_pipeline
+
     return load_pipeline(ModelConfig(pretrained=str(source)))
 
 

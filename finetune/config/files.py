@@ -8,12 +8,13 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import safetensors.torch
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from finetune.config.errors import NonFiniteError
+
+if TYPE_CHECKING:  # imported where used: the commands' --help and config errors start without torch
+    import torch
+    from PIL import Image
 
 
 def _umask() -> int:
@@ -73,6 +74,8 @@ def atomic_dir(path: Path, replace: bool = False) -> Iterator[Path]:
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    import safetensors.torch
+
     with atomic_path(path) as tmp:
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
 
@@ -84,6 +87,8 @@ def save_png(image: Image.Image, path: Path) -> None:
 
 def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     """Refuse to write weights holding NaN/inf (`where` says what was about to be written)."""
+    import torch
+
     bad = [
         name
         for name, value in tensors.items()

@@ -1,6 +1,8 @@
 """Config checks run before anything heavy: one line naming the key and the fix.
 
-Some need the model's shape, which is read from its config files, never by loading weights.
+Some need the model's shape, which is read from its config files, never by loading weights. The
+checks that need torch or the model libraries import them only once the plain value checks passed, so
+that a wrong value is reported in a second, not after their imports.
 """
 
 from __future__ import annotations
@@ -13,16 +15,17 @@ from omegaconf import OmegaConf
 from finetune.config.errors import ConfigError
 from finetune.config.prior import check_prior
 from finetune.config.values import check_values, lightning_precisions
-from finetune.data.masks import ALPHA
-from finetune.models.layout import is_sdxl_model, vae_factor
-from finetune.models.prompts import check_clip_skip
-from finetune.training.methods.adapters import check_algo
-from finetune.training.methods.lora import read_init_from
 
 
 def check_config(cfg: Any) -> None:
     """Fail with one line naming the key when a value or a combination of values cannot work."""
     check_values(cfg)
+    from finetune.data.masks import ALPHA
+    from finetune.models.layout import is_sdxl_model
+    from finetune.models.prompts import check_clip_skip
+    from finetune.training.methods.adapters import check_algo
+    from finetune.training.methods.lora import read_init_from
+
     if OmegaConf.select(cfg, "method.name", default=None) == "controlnet":
         data = cfg.data
         if not (data.conditioning or data.conditioning_path or data.conditioning_column):
@@ -159,6 +162,8 @@ def _runs_on_cpu(accelerator: str) -> bool:
 
 def check_latent_shapes(cfg: Any) -> None:
     """Training sizes must map to whole latents, or the VAE would silently crop or pad them."""
+    from finetune.models.layout import vae_factor
+
     factor = vae_factor(cfg.model)
     data = cfg.data
     resolutions = [("data.resolution", data.resolution)] + [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +13,16 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from finetune.config.errors import ConfigError, DataError
+from finetune.config.trainer import record_arguments, recorded_arguments, trainer_arguments
 from finetune.train import train
 from finetune.training.checks import check_config
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path, import_times: bool = False) -> subprocess.CompletedProcess:
+    """`finetune-train args…` in a fresh process (with `import_times`, its imports listed on stderr)."""
+    python = [sys.executable, "-X", "importtime"] if import_times else [sys.executable]
     return subprocess.run(
-        [sys.executable, "-m", "finetune.train", *args],
+        [*python, "-m", "finetune.train", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -29,11 +33,31 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_misspelt_key_on_command_line_names_the_key_and_loads_nothing(tmp_path: Path) -> None:
     never_built = tmp_path / "model"
-    result = run_cli(f"model.pretrained={never_built}", "data.batchsize=4", cwd=tmp_path)
+    result = run_cli(f"model.pretrained={never_built}", "data.batchsize=4", cwd=tmp_path, import_times=True)
     assert result.returncode != 0
     assert "data.batchsize" in result.stderr
     assert not never_built.exists()  # the tiny model would have been built had loading started
     assert not (tmp_path / "outputs").exists()
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
+    assert "hydra" in imported  # -X importtime listed the imports
+    if recorded_arguments() is not None:  # Lightning's arguments recorded for the installed version
+        assert "torch" not in imported  # so the error came without torch's seconds of imports
+
+
+def test_trainer_arguments_recorded_for_the_installed_lightning_read_back_the_same(tmp_path: Path) -> None:
+    record_arguments(tmp_path / "args.json")
+    assert recorded_arguments(tmp_path / "args.json") == trainer_arguments()
+    shipped = recorded_arguments()  # None: another Lightning version, whose arguments are read from it
+    assert shipped is None or shipped == trainer_arguments()
+
+
+def test_trainer_arguments_of_another_lightning_version_are_read_from_lightning(monkeypatch) -> None:
+    from finetune.config import trainer
+
+    monkeypatch.setattr(trainer, "lightning_version", lambda: "2.0.0")
+    assert trainer.recorded_arguments() is None
+    schema = trainer.trainer_schema()
+    assert [f.name for f in dataclasses.fields(schema)] == [a.name for a in trainer_arguments()]
 
 
 @pytest.mark.parametrize(
