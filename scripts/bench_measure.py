@@ -72,6 +72,10 @@ class StepClock:
         """From the call that builds everything to the end of the first step."""
         return self.marks[0] - self.started if self.marks else 0.0
 
+    def warmed_up_s(self) -> float:
+        """From the call to the end of the last warm-up step: start-up, compiles and all."""
+        return self.marks[self.warmup - 1] - self.started if len(self.marks) >= self.warmup else 0.0
+
 
 class StepClockCallback(L.Callback):
     """A `StepClock` inside a Lightning run, given as a user callback (`callbacks.<name>._target_`).
@@ -99,6 +103,7 @@ class RunStats:
     steps: int
     seconds: float
     startup_s: float
+    warmed_up_s: float  # call -> end of the warm-up steps
     start_memory: int
     peak_memory: int
     step_seconds: list[float] = field(default_factory=list)
@@ -106,7 +111,8 @@ class RunStats:
     @classmethod
     def from_clock(cls, name: str, batch_size: int, clock: StepClock, start: int, peak: int) -> RunStats:
         steps, seconds, startup = clock.timed_steps(), clock.timed_seconds(), clock.startup_s()
-        return cls(name, batch_size, steps, seconds, startup, start, peak, clock.step_seconds())
+        warmed_up = clock.warmed_up_s()
+        return cls(name, batch_size, steps, seconds, startup, warmed_up, start, peak, clock.step_seconds())
 
     @property
     def steps_per_s(self) -> float:

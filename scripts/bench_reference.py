@@ -48,6 +48,7 @@ class ReferenceSetup:
     device: str
     bf16: bool
     workers: int = 0
+    gradient_checkpointing: bool = False
     seed: int = 0
 
 
@@ -127,11 +128,15 @@ def load_parts(setup: ReferenceSetup) -> Parts:
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     for model in (unet, vae, *encoders):
         model.requires_grad_(False)
+    if setup.gradient_checkpointing:  # the scripts' --gradient_checkpointing
+        unet.enable_gradient_checkpointing()
     controlnet = None
     if setup.method == "controlnet":  # made from the float32 U-Net; trains in float32
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         channels = embedding_channels(factor)
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+        if setup.gradient_checkpointing:
+            controlnet.enable_gradient_checkpointing()
         controlnet.to(device).train()
     # The SDXL script keeps its VAE in float32 (it overflows in half precision); the SD one casts it.
     vae.to(device, dtype=torch.float32 if sdxl else weight_dtype)

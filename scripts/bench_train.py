@@ -1,7 +1,7 @@
 """`bench.py train`: our training against a plain reference loop, same process, same data.
 
     .venv/bin/python scripts/bench.py train                      # tiny model, CPU, 32 px, batch 4
-    .venv/bin/python scripts/bench.py train --cache              # after the default, cache=none and =memory
+    .venv/bin/python scripts/bench.py train --cache              # after the defaults, cache=none and =memory
     python scripts/bench.py train --model sd15 --resolution 512 --batch-size 8 \\
         --precision bf16-mixed --device cuda --cache --json sd15.json
 
@@ -15,14 +15,11 @@ from the U-Net step's FLOPs per image, achieved TFLOP/s and MFU (GPU; against th
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import diffusers
 import torch
@@ -38,6 +35,7 @@ from bench_measure import (
 )
 from bench_models import save_random_pipeline
 from bench_reference import ReferenceSetup, run_reference
+from bench_report import describe, print_setup, print_table, rows_for, write_json
 from hydra import compose, initialize_config_dir
 
 from finetune.config.store import CONF_DIR, PROJECT_DIR
@@ -56,11 +54,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=30, help="timed steps, after the warm-up")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (at least 1)")
     parser.add_argument("--precision", choices=("32-true", "bf16-mixed"), default="32-true")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="both runs recompute U-Net activations"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if cuda else "cpu")
     parser.add_argument(
-        "--cache",
-        action="store_true",
-        help="after the default (data.cache=auto), also data.cache=none and memory",
+        "--cache", action="store_true", help="after the defaults, also data.cache=none and data.cache=memory"
+    )
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="'KEY=VALUE ...'",
+        help="one more run of ours with these overrides (repeatable), e.g. --also 'model.compile=true'",
     )
     parser.add_argument("--data", type=Path, default=PROJECT_DIR / "data" / "style", help="captioned images")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers, both runs")
@@ -76,17 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-@dataclass
-class Row:
-    """A run as printed: its stats, and what follows from them and the FLOPs."""
-
-    stats: RunStats
-    tflops: float | None = None
-    mfu: float | None = None
-    ratio: float | None = None  # steps/s over the reference's
-    median_ratio: float | None = None  # the reference's median step time over this run's
-
-
 def prepare_model(args: argparse.Namespace, work: Path) -> Path:
     """The diffusers folder both runs load: the shipped tiny model, or a random sd15 / sdxl."""
     if args.model == "tiny":
@@ -98,7 +93,7 @@ def prepare_model(args: argparse.Namespace, work: Path) -> Path:
     return folder
 
 
-def our_overrides(args: argparse.Namespace, model_dir: Path, run_dir: Path, cache: str) -> list[str]:
+def our_overrides(args: argparse.Namespace, model_dir: Path, run_dir: Path) -> list[str]:
     """The config of our run: the benchmark's setup, with loggers, samples and checkpoints off."""
     model = ["model=tiny"] if args.model == "tiny" else ["model=sd15", f"model.pretrained={model_dir}"]
     method = (
@@ -111,10 +106,10 @@ def our_overrides(args: argparse.Namespace, model_dir: Path, run_dir: Path, cach
         f"data.path={args.data}",
         f"data.batch_size={args.batch_size}",
         f"data.num_workers={args.workers}",
-        f"data.cache={cache}",
         f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
         "trainer.devices=1",
         f"trainer.precision={args.precision}",
+        f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
         f"trainer.max_steps={args.warmup + args.steps}",
         "trainer.enable_progress_bar=false",
         "trainer.enable_model_summary=false",
@@ -126,9 +121,18 @@ def our_overrides(args: argparse.Namespace, model_dir: Path, run_dir: Path, cach
     return model + method + run + list(args.set)
 
 
-def run_ours(args: argparse.Namespace, model_dir: Path, work: Path, cache: str) -> RunStats:
+def our_variants(args: argparse.Namespace) -> list[list[str]]:
+    """The overrides of each run of ours: the defaults first, then each option on its own."""
+    variants: list[list[str]] = [[]]
+    if args.cache:
+        variants += [["data.cache=none"], ["data.cache=memory"]]
+    return variants + [also.split() for also in args.also]
+
+
+def run_ours(args: argparse.Namespace, model_dir: Path, work: Path, variant: list[str]) -> RunStats:
     """`train(cfg)` for `warmup + steps` steps, clocked by a callback given as a user callback."""
-    overrides = our_overrides(args, model_dir, work / f"run_{cache}", cache)
+    run_dir = work / f"run_{len(list(work.glob('run_*')))}"
+    overrides = our_overrides(args, model_dir, run_dir) + variant
     start_memory = reset_peak_memory(args.device)
     started = time.perf_counter()
     callback = [
@@ -148,7 +152,8 @@ def run_ours(args: argparse.Namespace, model_dir: Path, work: Path, cache: str) 
     StepClockCallback.last = None
     release_memory(args.device)
     assert clock.timed_steps() == args.steps
-    return RunStats.from_clock(f"ours, data.cache={cache}", args.batch_size, clock, start_memory, peak)
+    name = "ours, " + (" ".join(variant) or "defaults")
+    return RunStats.from_clock(name, args.batch_size, clock, start_memory, peak)
 
 
 def reference_setup(args: argparse.Namespace, model_dir: Path) -> ReferenceSetup:
@@ -162,6 +167,7 @@ def reference_setup(args: argparse.Namespace, model_dir: Path) -> ReferenceSetup
         device=args.device,
         bf16=args.precision.startswith("bf16"),
         workers=args.workers,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
 
 
@@ -172,93 +178,6 @@ def warm_up_device(device: str) -> None:
     x = torch.randn(64, 8, 32, 32, device=device)
     torch.nn.functional.conv2d(x, torch.randn(8, 8, 3, 3, device=device)).sum().item()
     (x.flatten(1) @ x.flatten(1).T).sum().item()
-
-
-def rows_for(runs: list[RunStats], reference: RunStats, flops: int, peak: float | None) -> list[Row]:
-    rows = []
-    for stats in [*runs, reference]:
-        achieved = flops * stats.images_per_s
-        ratio = stats.steps_per_s / reference.steps_per_s if reference.steps_per_s else None
-        median = reference.median_step_s / stats.median_step_s if stats.median_step_s else None
-        rows.append(Row(stats, achieved / 1e12, achieved / peak if peak else None, ratio, median))
-    return rows
-
-
-def print_table(rows: list[Row], device: str) -> None:
-    memory = "CUDA alloc" if device == "cuda" else "RSS"
-    header = (
-        f"{'run':<24}{'steps/s':>8}{'images/s':>10}{'ms/step':>9}{'startup s':>10}"
-        f"{memory + ' peak (start)':>25}{'TFLOP/s':>9}{'MFU':>7}{'vs ref':>8}{'(median)':>9}"
-    )
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        s = row.stats
-        mfu = f"{row.mfu:.1%}" if row.mfu is not None else "n/a"
-        memory = f"{s.peak_memory / 2**30:.2f} GiB ({s.start_memory / 2**30:.2f})"
-        print(
-            f"{s.name:<24}{s.steps_per_s:8.2f}{s.images_per_s:10.1f}{s.median_step_s * 1e3:9.1f}"
-            f"{s.startup_s:10.1f}{memory:>25}{row.tflops:9.3f}{mfu:>7}"
-            f"{_times(row.ratio):>8}{_times(row.median_ratio):>9}"
-        )
-    print(
-        "steps/s, images/s, TFLOP/s, vs ref: over all timed steps; ms/step and (median): the median step;"
-        "\nstartup: call -> first step done"
-    )
-
-
-def _times(ratio: float | None) -> str:
-    return f"{ratio:.2f}x" if ratio else "n/a"
-
-
-def describe(args: argparse.Namespace, device_name: str, flops: int, peak: float | None) -> dict[str, Any]:
-    return {
-        "model": args.model,
-        "method": args.method,
-        "rank": args.rank if args.method == "lora" else None,
-        "resolution": args.resolution,
-        "batch_size": args.batch_size,
-        "precision": args.precision,
-        "device": device_name,
-        "torch": torch.__version__,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "workers": args.workers,
-        "threads": torch.get_num_threads(),
-        "data": str(args.data),
-        "our_overrides": list(args.set),
-        "unet_step_flops_per_image": flops,
-        "peak_bf16_flops": peak,
-    }
-
-
-def print_setup(setup: dict[str, Any]) -> None:
-    peak = setup["peak_bf16_flops"]
-    mfu = f"MFU against {peak / 1e12:.0f} TFLOP/s (dense bf16)" if peak else "MFU n/a (no peak known)"
-    print(
-        f"\n{setup['model']} {setup['method']}, {setup['resolution']} px, batch {setup['batch_size']}, "
-        f"{setup['precision']}; {setup['device']}, torch {setup['torch']}, {setup['threads']} CPU threads; "
-        f"{setup['steps']} steps timed after {setup['warmup']}; U-Net step "
-        f"{setup['unet_step_flops_per_image'] / 1e9:.2f} GFLOP/image; {mfu}"
-    )
-    if setup["our_overrides"]:
-        print("our run also has: " + " ".join(setup["our_overrides"]))
-
-
-def write_json(path: Path, setup: dict[str, Any], rows: list[Row]) -> None:
-    runs = []
-    for row in rows:
-        stats = asdict(row.stats)
-        stats.update(
-            steps_per_s=row.stats.steps_per_s,
-            images_per_s=row.stats.images_per_s,
-            tflops=row.tflops,
-            mfu=row.mfu,
-            ratio_to_reference=row.ratio,
-            median_ratio_to_reference=row.median_ratio,
-        )
-        runs.append(stats)
-    path.write_text(json.dumps({"setup": setup, "runs": runs}, indent=2) + "\n")
 
 
 def quiet() -> None:
@@ -285,9 +204,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         model_dir = prepare_model(args, work)
-        # The default configuration first (data.cache=auto), then each option alone.
-        caches = ("auto", "none", "memory") if args.cache else ("auto",)
-        runs = [run_ours(args, model_dir, work, cache) for cache in caches]
+        runs = [run_ours(args, model_dir, work, variant) for variant in our_variants(args)]
         reference, flops = run_reference(reference_setup(args, model_dir), args.warmup, args.steps)
     peak, device_name = peak_flops(args.device, args.peak_flops)
     setup = describe(args, device_name, flops, peak)

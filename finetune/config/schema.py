@@ -32,6 +32,13 @@ class Attention(Choice):
     eager = "eager"
 
 
+class CompileScope(Choice):
+    """What `model.compile` compiles."""
+
+    blocks = "blocks"  # each transformer block, one compile per block shape (regional compilation)
+    full = "full"  # the whole U-Net / ControlNet as one graph: longest start-up
+
+
 class LossType(Choice):
     l2 = "l2"
     huber = "huber"  # pseudo-Huber: 2c(sqrt(d² + c²) - c)
@@ -97,6 +104,7 @@ class ModelConfig:
     # torch.compile the U-Net / ControlNet (slow first steps, faster after): true, false, or auto: on for
     # GPU runs long enough for the compile's start-up to pay (models.speed.compiles)
     compile: Any = "auto"
+    compile_scope: CompileScope = CompileScope.blocks
     # Text encoder layer the U-Net reads, counted from the end as kohya and A1111 do: 2 = penultimate
     # (what many SD 1.x anime models were trained with). SD 1.x / 2.x only.
     clip_skip: int = 1
