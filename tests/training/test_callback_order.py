@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import lightning as L
+import torch
 from conftest import compose_config
 
 from finetune.checkpointing.checkpoints import StepCheckpoint
@@ -49,3 +51,32 @@ def test_callbacks_of_one_rank_keep_the_order_they_were_given():
     first, second = WeightsUpdate(), WeightsUpdate()
     assert in_step_order([first, second]) == [first, second]
     assert in_step_order([second, first]) == [second, first]
+
+
+class Placed(torch.nn.Module):
+    """A model that records where it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[str] = []
+
+    def to(self, device: torch.device | str) -> Placed:
+        self.sent.append(str(device))
+        return self
+
+
+def _places_after_the_cache_pass(text_cached: bool, device: str) -> list[list[str]]:
+    vae, encoder = Placed(), Placed()
+    cache = SimpleNamespace(text_keys=["caption"] if text_cached else None)
+    datamodule = SimpleNamespace(prepare_cache=lambda vae, prompts, strategy: cache)
+    components = SimpleNamespace(prompts=None, text_encoders=[encoder])
+    module = SimpleNamespace(device=torch.device(device), vae=vae, components=components)
+    DataCachePass().on_fit_start(SimpleNamespace(datamodule=datamodule, strategy=None), module)
+    return [vae.sent, encoder.sent]
+
+
+def test_the_vae_and_text_encoders_leave_the_gpu_once_everything_they_give_is_cached() -> None:
+    assert _places_after_the_cache_pass(text_cached=True, device="cuda") == [["cpu"], ["cpu"]]
+    # Text encoded every step (a text encoder trains, or tags shuffle): both stay, as on a CPU run.
+    assert _places_after_the_cache_pass(text_cached=False, device="cuda") == [[], []]
+    assert _places_after_the_cache_pass(text_cached=True, device="cpu") == [[], []]
