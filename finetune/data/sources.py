@@ -77,9 +77,28 @@ def _scan_source(cfg: Any) -> ScanResult:
         found = find_in_hf(cfg)
     else:
         raise DataError(f"data.source: '{source}' is not one of {', '.join(Source)}")
+    if source == "folder":
+        _leave_out_companion_folders(found, root, [cfg.conditioning_path, getattr(cfg, "masks", None)])
     if cfg.conditioning_path:
         attach_parallel_conditioning(found, Path(str(cfg.conditioning_path)).expanduser())
     return found
+
+
+def _leave_out_companion_folders(found: ScanResult, root: Path, folders: list[Any]) -> None:
+    """A conditioning or mask folder kept inside the data folder holds no training images: its files
+    are left out of the scan (not skipped as images without a caption or mask)."""
+    inside: list[tuple[str, ...]] = []
+    for folder in folders:
+        if folder and str(folder) != ALPHA:
+            path = Path(str(folder)).expanduser().resolve()
+            if path.is_relative_to(root.resolve()) and path != root.resolve():
+                inside.append(path.relative_to(root.resolve()).parts)
+
+    def companion(key: str) -> bool:
+        return any(Path(key).parts[: len(parts)] == parts for parts in inside)
+
+    found.records = [record for record in found.records if not companion(record.key)]
+    found.skipped = [skipped for skipped in found.skipped if not companion(skipped.key)]
 
 
 def _folder_root(cfg: Any) -> Path:

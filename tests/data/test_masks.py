@@ -233,3 +233,16 @@ def test_masks_that_cannot_work_are_one_line_naming_the_key(tmp_path):
         assert "\n" not in message
     check_data_config(DataConfig(masks="alpha"))  # the good values pass
     check_data_config(DataConfig(masks=str(tmp_path)))
+
+
+@pytest.mark.parametrize("key", ["masks", "conditioning_path"])
+def test_a_mask_or_conditioning_folder_inside_the_data_folder_is_no_training_data(tmp_path, key):
+    from finetune.data.sources import find_records
+
+    root = tmp_path / "data"
+    companion = root / "companion"
+    companion.mkdir(parents=True)
+    folder_pair(root, companion)  # data/box.png, data/box.txt, data/companion/box.png
+    found = find_records(DataConfig(path=str(root), resolution=32, **{key: str(companion)}))
+    assert [record.key for record in found.records] == ["box.png"]
+    assert found.skipped == []  # not "no mask image companion/box.*" nor "no caption"
