@@ -32,7 +32,10 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
         raise DataError("data.sources: set either data.sources or data.path / data.name, not both")
     result = ScanResult(records=[])
     for number, source in enumerate(sources or [cfg]):
-        found = _scan_source(source)
+        # Another source's folder inside this one is that source's, not this one's (class images kept
+        # in a subfolder of the instance images, say).
+        others = [config_value(other, "path") for other in sources if other is not source]
+        found = _scan_source(source, [*others, getattr(cfg, "masks", None)])
         prefix = f"{number}:" if len(sources) > 1 else ""
         # A source's own repeats, else data.repeats (which is the source's when data is the source)
         repeats = source.repeats if source.repeats is not None else cfg.repeats
@@ -66,7 +69,9 @@ def find_records(cfg: Any, screen: bool = True) -> ScanResult:
     return result
 
 
-def _scan_source(cfg: Any) -> ScanResult:
+def _scan_source(cfg: Any, companions: list[Any]) -> ScanResult:
+    """The records of one source; files under `companions` (folders of other sources, masks) are not
+    its images."""
     source = config_value(cfg, "source")
     if source == "folder":
         root = _folder_root(cfg)
@@ -78,15 +83,16 @@ def _scan_source(cfg: Any) -> ScanResult:
     else:
         raise DataError(f"data.source: '{source}' is not one of {', '.join(Source)}")
     if source == "folder":
-        _leave_out_companion_folders(found, root, [cfg.conditioning_path, getattr(cfg, "masks", None)])
+        _leave_out_companion_folders(found, root, [cfg.conditioning_path, *companions])
     if cfg.conditioning_path:
         attach_parallel_conditioning(found, Path(str(cfg.conditioning_path)).expanduser())
     return found
 
 
 def _leave_out_companion_folders(found: ScanResult, root: Path, folders: list[Any]) -> None:
-    """A conditioning or mask folder kept inside the data folder holds no training images: its files
-    are left out of the scan (not skipped as images without a caption or mask)."""
+    """A conditioning, mask or other source's folder kept inside the data folder holds none of its
+    training images: its files are left out of the scan (not skipped as images without a caption or
+    mask, nor trained twice)."""
     inside: list[tuple[str, ...]] = []
     for folder in folders:
         if folder and str(folder) != ALPHA:

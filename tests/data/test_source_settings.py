@@ -154,3 +154,15 @@ def test_a_source_resolution_is_screened_and_checked_as_its_own(tmp_path) -> Non
         ConfigError, match=r"data.sources\[0\].resolution: 31 is not a multiple of the VAE factor"
     ):
         check_config(cfg)
+
+
+def test_a_source_folder_inside_another_belongs_to_its_own_source_only(tmp_path) -> None:
+    """Class images kept in a subfolder of the instance images are trained once, as class images."""
+    from finetune.data.sources import find_records
+
+    instance = folder(tmp_path / "dog", 2, "sks dog")
+    folder(instance / "class", 3, "a dog")
+    sources = [SourceConfig(path=str(instance)), SourceConfig(path=str(instance / "class"), is_reg=True)]
+    found = find_records(DataConfig(resolution=32, sources=sources))
+    by_source = {number: sorted(r.key for r in found.records if r.source == number) for number in (0, 1)}
+    assert by_source == {0: ["0:0.png", "0:1.png"], 1: ["1:0.png", "1:1.png", "1:2.png"]}
