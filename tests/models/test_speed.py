@@ -145,3 +145,46 @@ def test_compile_true_compiles_each_transformer_block_and_trains_through_them(
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # zero-initialised: all trained
     exported = safetensors.torch.load_file(run.run_dir / "adapter" / "pytorch_lora_weights.safetensors")
     assert len(exported) == 2 * len(lora_b) and not any("_orig_mod" in key for key in exported)
+
+
+def test_compiled_blocks_of_four_widths_stay_compiled_through_training_sampling_and_new_buckets(
+    monkeypatch,
+) -> None:
+    """Every block shares one forward; its compiles for each width, with and without gradients and at
+    new bucket shapes would pass dynamo's default limit (8), past which blocks silently run eager."""
+    from diffusers import UNet2DConditionModel
+    from torch._dynamo.utils import counters
+
+    from finetune.models.speed import compile_denoiser
+
+    _recording_compile(monkeypatch, backend="eager")  # dynamo's tracing and guards, no code generation
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 96, 128),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=1,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+        sample_size=16,
+    )
+    unet.requires_grad_(False)
+    for name, parameter in unet.named_parameters():  # what trains, as LoRA's layers sit: in the attention
+        parameter.requires_grad_(name.endswith("attn1.to_q.weight"))
+    torch._dynamo.reset()
+    counters.clear()
+    compile_denoiser(unet, "blocks")
+    for height, width, grad in [
+        (16, 16, True),
+        (16, 16, False),
+        (16, 24, True),
+        (24, 16, True),
+        (16, 24, False),
+    ]:
+        with torch.set_grad_enabled(grad):
+            out = unet(torch.randn(1, 4, height, width), 10, torch.randn(1, 77, 16)).sample
+            if grad:
+                out.mean().backward()
+    frames = counters["frames"]
+    assert frames["total"] > 8 and frames["ok"] == frames["total"]  # each compile happened, none refused
