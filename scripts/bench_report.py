@@ -118,9 +118,11 @@ def write_json(path: Path, setup: dict[str, Any], rows: list[Row]) -> None:
 
 
 def summary(paths: list[Path]) -> str:
-    """One line per run of each JSON file `--json` wrote: the setup, images/s, MFU, peak, ratio."""
+    """One line per run of each JSON file `--json` wrote: the setup, images/s, MFU, peak, ratio, start-up
+    and warm-up (call -> last untimed step done)."""
     lines = [
         f"{'setup':<38}{'run':<44}{'images/s':>9}{'MFU':>7}{'peak GiB':>9}{'vs ref':>8}{'startup s':>10}"
+        f"{'warm-up s':>10}"
     ]
     for path in paths:
         result = json.loads(path.read_text())
@@ -132,7 +134,7 @@ def summary(paths: list[Path]) -> str:
             lines.append(
                 f"{where:<38}{run['name']:<44}{run['images_per_s']:9.1f}{mfu:>7}"
                 f"{run['peak_memory'] / 2**30:9.2f}{_times(run['ratio_to_reference']):>8}"
-                f"{run['startup_s']:10.1f}"
+                f"{run['startup_s']:10.1f}{run['warmed_up_s']:10.1f}"
             )
     return "\n".join(lines)
 

@@ -129,9 +129,8 @@ def our_variants(args: argparse.Namespace) -> list[list[str]]:
     return variants + [also.split() for also in args.also]
 
 
-def run_ours(args: argparse.Namespace, model_dir: Path, work: Path, variant: list[str]) -> RunStats:
+def run_ours(args: argparse.Namespace, model_dir: Path, run_dir: Path, variant: list[str]) -> RunStats:
     """`train(cfg)` for `warmup + steps` steps, clocked by a callback given as a user callback."""
-    run_dir = work / f"run_{len(list(work.glob('run_*')))}"
     overrides = our_overrides(args, model_dir, run_dir) + variant
     start_memory = reset_peak_memory(args.device)
     started = time.perf_counter()
@@ -204,7 +203,8 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         work = Path(tmp)
         model_dir = prepare_model(args, work)
-        runs = [run_ours(args, model_dir, work, variant) for variant in our_variants(args)]
+        variants = our_variants(args)
+        runs = [run_ours(args, model_dir, work / f"run_{i}", variant) for i, variant in enumerate(variants)]
         reference, flops = run_reference(reference_setup(args, model_dir), args.warmup, args.steps)
     peak, device_name = peak_flops(args.device, args.peak_flops)
     setup = describe(args, device_name, flops, peak)
