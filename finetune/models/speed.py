@@ -85,7 +85,8 @@ def compile_denoiser(model: torch.nn.Module, scope: CompileScope) -> None:
     if not blocks:  # a denoiser without transformer blocks: nothing repeats, compile it whole
         model.compile()
         return
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
+    # cache_size_limit: the name torch 2.6 has; newer versions keep it for their recompile_limit
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, BLOCK_RECOMPILE_LIMIT)
     for block in blocks:
         block.compile()
 

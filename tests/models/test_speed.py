@@ -158,7 +158,7 @@ def test_compiled_blocks_of_four_widths_stay_compiled_through_training_sampling_
     from finetune.models.speed import compile_denoiser
 
     _recording_compile(monkeypatch, backend="eager")  # dynamo's tracing and guards, no code generation
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
+    monkeypatch.setattr(torch._dynamo.config, "cache_size_limit", 8)  # dynamo's default
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64, 96, 128),
