@@ -93,12 +93,13 @@ def _leave_out_companion_folders(found: ScanResult, root: Path, folders: list[An
     """A conditioning, mask or other source's folder kept inside the data folder holds none of its
     training images: its files are left out of the scan (not skipped as images without a caption or
     mask, nor trained twice)."""
+    root = root.resolve()
     inside: list[tuple[str, ...]] = []
     for folder in folders:
         if folder and str(folder) != ALPHA:
             path = Path(str(folder)).expanduser().resolve()
-            if path.is_relative_to(root.resolve()) and path != root.resolve():
-                inside.append(path.relative_to(root.resolve()).parts)
+            if path.is_relative_to(root) and path != root:
+                inside.append(path.relative_to(root).parts)
 
     def companion(key: str) -> bool:
         return any(Path(key).parts[: len(parts)] == parts for parts in inside)
