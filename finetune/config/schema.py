@@ -130,6 +130,13 @@ class LossConfig:
     timestep_sampling: TimestepSampling = TimestepSampling.uniform
     logit_mean: float = 0.0  # logit_normal: timesteps = sigmoid(normal(mean, std)) of the range
     logit_std: float = 1.0
+    # With data.masks (OneTrainer's masked-training options): the least weight any latent element gets
+    # (0: what lies outside the mask trains nothing), the share of samples drawn each step to train
+    # on the whole image instead, and whether each sample's loss is divided by its mask's mean weight
+    # (a small masked area then counts as much as a large one).
+    unmasked_weight: float = 0.0
+    unmasked_probability: float = 0.0
+    normalize_masked_area: bool = False
 
 
 @dataclass

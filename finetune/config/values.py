@@ -56,6 +56,8 @@ VALUE_RULES: dict[str, Rule] = {
     "loss.min_timestep": NOT_NEGATIVE,
     "loss.max_timestep": AT_LEAST_ONE,
     "loss.logit_std": ABOVE_ZERO,
+    "loss.unmasked_weight": PROBABILITY,
+    "loss.unmasked_probability": PROBABILITY,
     "data.resolution": AT_LEAST_ONE,
     "data.batch_size": AT_LEAST_ONE,
     "data.bucket_step": AT_LEAST_ONE,
@@ -113,6 +115,7 @@ def check_values(cfg: Any, section: str | None = None) -> None:
         if not 0 <= beta < 1:
             raise ConfigError(f"optim.betas: {beta} must be at least 0 and below 1")
     check_masks(_select(cfg, "data.masks", section))
+    check_mask_options(cfg, section)
 
 
 def check_masks(value: Any) -> None:
@@ -127,6 +130,27 @@ def check_masks(value: Any) -> None:
         raise ConfigError(
             f"data.masks: '{value}' {problem} — give alpha (each image's alpha channel) or a folder of masks"
         )
+
+
+# The loss's masked-training options and their "off" values: set to anything else, they need data.masks.
+MASK_OPTIONS = {
+    "loss.unmasked_weight": 0.0,
+    "loss.unmasked_probability": 0.0,
+    "loss.normalize_masked_area": False,
+}
+
+
+def check_mask_options(cfg: Any, section: str | None) -> None:
+    """The masked-training options of `loss` without `data.masks` would silently do nothing: refused."""
+    if section is not None or _select(cfg, "data.masks", section) not in (None, _ABSENT, ""):
+        return  # a section alone cannot tell, or masks are on
+    for key, off in MASK_OPTIONS.items():
+        value = _select(cfg, key, section)
+        if value not in (_ABSENT, None) and value != off:
+            raise ConfigError(
+                f"{key}: weighs the loss masks, which are off — set data.masks=alpha or data.masks=<folder>, "
+                f"or leave {key}={str(off).lower()}"
+            )
 
 
 _ABSENT = object()

@@ -11,6 +11,9 @@ Choices, for users coming from kohya's `--masked_loss` / `--alpha_mask` and OneT
 - An image without a mask file under `<folder>` is skipped with its reason: training it unmasked
   would silently teach the very background the user masked out everywhere else.
 - A mask of another size than its image is resized to the image's size first (noted as fixed).
+
+How much a mask weighs in the loss (OneTrainer's floor, whole-image samples, normalization by area) is
+the loss's business: `loss.unmasked_weight`, `loss.unmasked_probability`, `loss.normalize_masked_area`.
 """
 
 from __future__ import annotations

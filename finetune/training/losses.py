@@ -117,10 +117,15 @@ def diffusion_loss(
     thresholds: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     per_sample_losses: bool = False,
+    *,
+    unmasked_weight: float = 0.0,
+    normalize_masked_area: bool = False,
 ) -> torch.Tensor:
     """The mean per-element loss of each sample in float32 (squared error, or the Huber-like ones with
     per-sample `thresholds`), optionally weighted per element by a loss `mask` ([B, 1, H, W] in [0, 1],
-    at pixels or on the latent grid) and per sample by `weights`, then averaged (or each sample's, [B])."""
+    at pixels or on the latent grid; no element weighs less than `unmasked_weight`, and with
+    `normalize_masked_area` each sample's loss is divided by its mean weight) and per sample by
+    `weights`, then averaged (or each sample's, [B])."""
     difference = prediction.float() - target.float()
     if loss_type == "l2":
         elementwise = difference.square()
@@ -133,8 +138,26 @@ def diffusion_loss(
         # elements follows (as kohya's masked loss does), not a mean over the kept area: an element's
         # weight is its mask value whatever the rest of the mask is, so a small kept region is not blown
         # up (nor an empty mask 0/0), and learning rates tuned with kohya carry over.
-        elementwise = elementwise * to_latent_grid(mask.float(), difference.shape[-2:])
+        grid = to_latent_grid(mask.float(), difference.shape[-2:])
+        if unmasked_weight:
+            grid = grid.clamp(min=unmasked_weight)  # OneTrainer's floor: the background trains a little
+        elementwise = elementwise * grid
     per_sample = elementwise.mean(dim=tuple(range(1, difference.dim())))
+    if mask is not None and normalize_masked_area:
+        # The loss per unit of kept area. An empty mask's loss is 0 already; dividing it by 1 instead of
+        # 0 keeps its gradient 0 rather than NaN.
+        area = grid.mean(dim=tuple(range(1, grid.dim())))
+        per_sample = per_sample / torch.where(area > 0, area, torch.ones_like(area))
     if weights is not None:
         per_sample = per_sample * weights.float()
     return per_sample if per_sample_losses else per_sample.mean()
+
+
+def unmask_at_random(mask: torch.Tensor, probability: float) -> torch.Tensor:
+    """OneTrainer's `unmasked_probability`: each sample's mask ([B, 1, H, W]) becomes all ones (the whole
+    image trains) with `probability`. At 1 every mask does, without a draw, so the run's other random
+    numbers are those of a run without masks."""
+    if probability >= 1:
+        return torch.ones_like(mask)
+    whole = torch.rand(mask.shape[0], device=mask.device) < probability
+    return torch.where(whole.view(-1, *[1] * (mask.dim() - 1)), torch.ones_like(mask), mask)

@@ -23,6 +23,7 @@ from finetune.training.losses import (
     regression_target,
     sample_noise,
     sample_timesteps,
+    unmask_at_random,
 )
 from finetune.training.methods.base import Method
 from finetune.training.nonfinite import (
@@ -115,7 +116,8 @@ class DiffusionModule(L.LightningModule):
         if latents is None:
             latents = self.batch_latents(batch)
         extra = None
-        if noise is None:  # training draws its noise; the validation loss brings its own, fixed
+        drawn = noise is None  # training draws its noise; the validation loss brings its own, fixed
+        if drawn:
             noise = sample_noise(latents, cfg.noise_offset)
             extra = torch.randn_like(noise) if cfg.input_perturbation else None
         if timesteps is None:
@@ -137,9 +139,22 @@ class DiffusionModule(L.LightningModule):
         thresholds = None
         if cfg.type != "l2":
             thresholds = huber_thresholds(scheduler, timesteps, cfg.huber_c, cfg.huber_schedule)
-        # With data.masks the batch's loss_mask weighs each element (pixels outside it train nothing).
+        # With data.masks the batch's loss_mask weighs each element (pixels outside it train nothing,
+        # or loss.unmasked_weight); training draws which samples train whole (loss.unmasked_probability).
         mask = batch.get("loss_mask")
-        return diffusion_loss(prediction, target, weights, cfg.type, thresholds, mask, per_sample_losses=True)
+        if mask is not None and drawn and cfg.unmasked_probability:
+            mask = unmask_at_random(mask, cfg.unmasked_probability)
+        return diffusion_loss(
+            prediction,
+            target,
+            weights,
+            cfg.type,
+            thresholds,
+            mask,
+            per_sample_losses=True,
+            unmasked_weight=cfg.unmasked_weight,
+            normalize_masked_area=cfg.normalize_masked_area,
+        )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.sample_losses(batch)

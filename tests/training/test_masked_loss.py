@@ -12,12 +12,14 @@ import torch
 from conftest import compose_config, fast_overrides, logged_metric
 from diffusers import DDPMScheduler
 from PIL import Image
+from safetensors.torch import load_file
 
 from finetune.config.errors import ConfigError
 from finetune.config.schema import LossConfig, OptimConfig
 from finetune.data.masks import to_latent_grid
 from finetune.train import train
-from finetune.training.losses import debiased_weights, huber_thresholds, min_snr_weights
+from finetune.training.checks import check_config
+from finetune.training.losses import debiased_weights, huber_thresholds, min_snr_weights, unmask_at_random
 from finetune.training.module import DiffusionModule
 
 
@@ -94,6 +96,45 @@ def test_a_mask_that_keeps_everything_gives_the_unmasked_loss_exactly() -> None:
     assert torch.equal(module.denoising_loss(batch, noise=noise, timesteps=timesteps, latents=latents), plain)
 
 
+def test_a_floor_weighs_the_background_and_normalizing_divides_by_the_mean_weight() -> None:
+    """OneTrainer's unmasked_weight (every element weighs at least it) and normalize_masked_area_loss
+    (each sample's loss over its mean weight; an empty mask stays at 0 with a zero gradient, not NaN)."""
+    torch.manual_seed(0)
+    latents, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    timesteps = torch.tensor([50, 700])
+    batch = {"text_embeds": torch.zeros(2, 3, 8), "loss_mask": pixel_mask()}
+    for floor, normalize in [(0.1, False), (0.0, True), (0.1, True)]:
+        prediction = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        loss_cfg = LossConfig(unmasked_weight=floor, normalize_masked_area=normalize)
+        loss = module_with(prediction, loss_cfg).denoising_loss(
+            batch, noise=noise, timesteps=timesteps, latents=latents
+        )
+        loss.backward()
+        squared = (prediction.detach() - noise).square()
+        weight = to_latent_grid(pixel_mask(), (8, 8)).clamp(min=floor).expand(2, 4, 8, 8)
+        per_sample = (squared * weight).mean(dim=(1, 2, 3))
+        if normalize:
+            area = weight.mean(dim=(1, 2, 3))
+            per_sample = per_sample / torch.where(area > 0, area, 1)
+        torch.testing.assert_close(loss.detach(), per_sample.mean())
+        assert torch.isfinite(prediction.grad).all()
+        background = prediction.grad[1]  # sample 1's mask keeps nothing
+        assert (background != 0).all() if floor else torch.equal(background, torch.zeros_like(background))
+
+
+def test_unmasking_at_random_replaces_whole_masks_at_the_asked_rate() -> None:
+    masks = torch.zeros(4000, 1, 2, 2)
+    masks[:, :, 0, 0] = 0.5
+    torch.manual_seed(0)
+    drawn = unmask_at_random(masks, 0.3)
+    whole = (drawn == 1).flatten(1).all(dim=1)
+    assert torch.equal(drawn[~whole], masks[~whole])  # the others are left as they were
+    assert 0.27 < whole.float().mean().item() < 0.33
+    state = torch.get_rng_state()
+    assert torch.equal(unmask_at_random(masks, 1.0), torch.ones_like(masks))
+    assert torch.equal(torch.get_rng_state(), state)  # certain: nothing drawn
+
+
 def masked_folder(root: Path) -> Path:
     """Two images: one wholly transparent (it trains nothing) and one without alpha (it trains whole)."""
     root.mkdir()
@@ -136,3 +177,64 @@ def test_a_mask_folder_that_does_not_exist_fails_in_one_line_before_any_model_lo
         train(cfg)
     message = str(raised.value)
     assert message.startswith(f"data.masks: '{missing}' does not exist") and "\n" not in message
+
+
+def half_transparent_folder(root: Path) -> Path:
+    """Three captioned images whose left halves are transparent (red, green and blue squares)."""
+    root.mkdir()
+    for name, colour in [("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))]:
+        image = Image.new("RGBA", (32, 32), (*colour, 255))
+        image.paste((*colour, 0), (0, 0, 16, 32))
+        image.save(root / f"{name}.png")
+        (root / f"{name}.txt").write_text(f"a {name} square")
+    return root
+
+
+@pytest.fixture(scope="module")
+def unmasked_run(tiny_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    """Three steps on the half-transparent images without masks: (its run folder, its overrides)."""
+    root = tmp_path_factory.mktemp("unmasked")
+    overrides = fast_overrides(tiny_model, root / "run", steps=3) + [
+        f"data.path={half_transparent_folder(root / 'data')}",
+        "data.batch_size=2",
+        "validation.every_n_steps=0",
+        "validation.prompts=[]",
+    ]
+    train(compose_config(overrides))
+    return root / "run", overrides
+
+
+@pytest.mark.parametrize("option", ["loss.unmasked_probability=1", "loss.unmasked_weight=1"])
+def test_masks_that_an_option_sets_aside_train_exactly_like_no_masks(unmasked_run, tmp_path, option):
+    """Every sample trained whole (probability 1), or no element below weight 1: the same losses and the
+    same adapter as the run without masks — while plain alpha masks change both."""
+    plain_dir, plain = unmasked_run
+    masked = ["data.masks=alpha", f"run_dir={tmp_path / 'masked'}"]
+    train(compose_config(plain + masked))
+    set_aside = [*masked[:1], option, f"run_dir={tmp_path / 'set_aside'}"]
+    train(compose_config(plain + set_aside))
+
+    expected = logged_metric(plain_dir, "train/loss")
+    assert len(expected) == 3 and logged_metric(tmp_path / "set_aside", "train/loss") == expected
+    assert logged_metric(tmp_path / "masked", "train/loss") != expected
+    adapter = "adapter/pytorch_lora_weights.safetensors"
+    reference = load_file(plain_dir / adapter)
+    assert all(torch.equal(t, reference[k]) for k, t in load_file(tmp_path / "set_aside" / adapter).items())
+    assert not all(torch.equal(t, reference[k]) for k, t in load_file(tmp_path / "masked" / adapter).items())
+
+
+@pytest.mark.parametrize(
+    "option", ["loss.unmasked_weight=0.1", "loss.unmasked_probability=0.5", "loss.normalize_masked_area=true"]
+)
+def test_a_masked_training_option_without_masks_is_refused_in_one_line(tmp_path, option) -> None:
+    cfg = compose_config(fast_overrides(tmp_path / "never", tmp_path / "run") + [option])
+    with pytest.raises(ConfigError) as raised:
+        check_config(cfg)
+    message = str(raised.value)
+    assert (
+        message.startswith(f"{option.split('=')[0]}: weighs the loss masks, which are off")
+        and "\n" not in message
+    )
+    check_config(
+        compose_config(fast_overrides(tmp_path / "never", tmp_path / "run") + [option, "data.masks=alpha"])
+    )
