@@ -34,6 +34,10 @@ def _device_and_dtype(cfg: DictConfig):
         return device, torch.float16 if device.startswith("cuda") else torch.float32
     if cfg.dtype not in DTYPES:
         raise ConfigError(f"dtype: '{cfg.dtype}' is not one of auto, {', '.join(DTYPES)}")
+    if cfg.dtype == "bfloat16" and device == "cpu":
+        from finetune.models.speed import warn_about_bf16_on_this_cpu
+
+        warn_about_bf16_on_this_cpu("dtype=bfloat16", "dtype=float32")
     return device, getattr(torch, cfg.dtype)
 
 

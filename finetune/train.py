@@ -50,7 +50,14 @@ def train(cfg: DictConfig) -> RunResult:
     from finetune.models.loading import load_components, weight_dtype_for
     from finetune.models.schedules import with_schedule_options
     from finetune.models.sharding import full_weights
-    from finetune.models.speed import apply_speed_settings, compiles, set_matmul_precision, uses_cuda
+    from finetune.models.speed import (
+        apply_speed_settings,
+        compiles,
+        runs_on_cpu,
+        set_matmul_precision,
+        uses_cuda,
+        warn_about_bf16_on_this_cpu,
+    )
     from finetune.tiny.builder import ensure_tiny_model
     from finetune.training.callbacks import in_step_order
     from finetune.training.loggers import build_loggers, log_config, log_exports
@@ -73,6 +80,9 @@ def train(cfg: DictConfig) -> RunResult:
     L.seed_everything(cfg.seed, workers=True)
     on_cuda = uses_cuda(str(cfg.trainer.accelerator))
     set_matmul_precision(cfg.model, on_cuda)
+    precision = str(cfg.trainer.precision)
+    if precision.startswith("bf16") and runs_on_cpu(str(cfg.trainer.accelerator)):
+        warn_about_bf16_on_this_cpu(f"trainer.precision={precision}", "trainer.precision=32-true")
     dtype = weight_dtype_for(cfg.trainer.precision)
     ensure_tiny_model(cfg.model)
     components = load_components(cfg.model, dtype, allow_unsafe_pickle=bool(cfg.allow_unsafe_pickle))

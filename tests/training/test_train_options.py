@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import compose_config, fast_overrides
+from omegaconf import OmegaConf
 
+import finetune.models.speed
 from finetune.train import train
 
 
@@ -23,12 +26,18 @@ def logged_lrs(run_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_bf16_mixed_keeps_frozen_weights_in_bf16_and_trainables_in_fp32(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     overrides = fast_overrides(tiny_model, tmp_path, steps=2)
     overrides += ["trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"]
     overrides += ["trainer.enable_progress_bar=false"]  # no bar at all (our bar must not force one)
-    result = train(compose_config(overrides))
+    # As on a CPU without bf16 instructions (this suite's usual machine): the run says so, once, and trains.
+    monkeypatch.setattr(finetune.models.speed, "cpu_runs_bf16_natively", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="finetune"):
+        result = train(compose_config(overrides))
+    warned = [r.getMessage() for r in caplog.records if "without bf16 instructions" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("trainer.precision=bf16-mixed on a CPU"), warned
+    assert warned[0].endswith("set trainer.precision=32-true")
     module = result.module
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.metrics["train/loss"]))
     assert module.unet.is_gradient_checkpointing
@@ -116,3 +125,30 @@ def test_loraplus_and_the_text_encoder_rate_give_each_weight_its_learning_rate(t
         assert lr_of[id(parameter)] == pytest.approx(expected[key]), name
         seen.add(key)
     assert seen == set(expected)
+
+
+@pytest.mark.parametrize("accelerator, on_cpu", [("cpu", True), ("auto", True), ("gpu", False)])
+def test_a_run_is_on_the_cpu_by_its_accelerator_or_for_want_of_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, accelerator: str, on_cpu: bool
+) -> None:
+    from finetune.models.speed import runs_on_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert runs_on_cpu(accelerator) is on_cpu
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_is_flagged_where_the_cpu_lacks_it_in_training_and_generating(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, native: bool
+) -> None:
+    from finetune.generate import _device_and_dtype
+    from finetune.models.speed import warn_about_bf16_on_this_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(finetune.models.speed, "cpu_runs_bf16_natively", lambda: native)
+    warn_about_bf16_on_this_cpu("trainer.precision=bf16-true", "trainer.precision=32-true")
+    _device_and_dtype(OmegaConf.create({"device": "auto", "dtype": "bfloat16"}))  # generate on the CPU
+    _device_and_dtype(OmegaConf.create({"device": "auto", "dtype": "float32"}))
+    messages = [r.getMessage().split(" on a CPU")[0] for r in caplog.records]
+    assert messages == ([] if native else ["trainer.precision=bf16-true", "dtype=bfloat16"])
