@@ -31,7 +31,9 @@ from finetune.data.masks import LossMasks
 from finetune.data.records import ImageRecord, ImageSource
 from finetune.data.source_settings import SourceStyle
 
-CACHE_VERSION = 1  # bump when what an entry holds changes: old entries then stop matching
+# Bump when what an entry holds changes: old entries then stop matching. 2: PNG colour keys (tRNS) are
+# transparency, composited on white.
+CACHE_VERSION = 2
 DEFAULT_CACHE_DIR = Path("~/.cache/finetune/latents")
 
 

@@ -103,9 +103,15 @@ def _opened(source: Path | IO[bytes], max_pixels: int) -> Image.Image:
     return image
 
 
+# Modes whose transparency is a key in PIL's `info` (a palette entry, or a PNG tRNS colour), and the
+# mode with an alpha channel that PIL's convert("RGBA") makes of them.
+KEYED_TRANSPARENCY = {"P": "PA", "L": "LA", "RGB": "RGBA"}
+
+
 def has_alpha(mode: str, info: dict) -> bool:
     """Whether an image of this mode (and PIL `info`) carries transparency."""
-    return mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in info)
+    keyed = mode in KEYED_TRANSPARENCY and "transparency" in info
+    return keyed or mode in ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

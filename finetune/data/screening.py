@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps
 
 from finetune.data.buckets import target_size
-from finetune.data.images import ImageDecodeError, has_alpha
+from finetune.data.images import KEYED_TRANSPARENCY, ImageDecodeError, has_alpha
 from finetune.data.masks import ALPHA
 from finetune.data.records import Fixed, ImageRecord, ImageSource, ScanResult, Skipped
 from finetune.data.source_settings import source_views
@@ -95,8 +95,8 @@ def _screen(record: ImageRecord, cfg: Any, verify: bool) -> Skipped | tuple[tupl
     fixes = []
     if orientation not in (None, 1):
         fixes.append(f"turned upright (EXIF orientation {orientation})")
-    if mode == "P" and transparent:
-        fixes.append(_MODE_FIXES["PA"])
+    if transparent and mode in KEYED_TRANSPARENCY:  # a transparent palette entry or PNG colour key
+        fixes.append(_MODE_FIXES[KEYED_TRANSPARENCY[mode]])
     elif mode in _MODE_FIXES:
         fixes.append(_MODE_FIXES[mode])
     target_w, target_h = target_size(cfg, width, height)

@@ -13,6 +13,7 @@ from PIL import Image
 from finetune.config.schema import DataConfig
 from finetune.data import find_records
 from finetune.data.images import open_image
+from finetune.data.masks import split_alpha
 
 
 def cfg(path, **overrides) -> DataConfig:
@@ -176,3 +177,19 @@ def test_metadata_paths_that_escape_the_root_are_refused(tmp_path):
 
 def test_a_good_file_is_kept_as_is(folder):
     assert outcome(folder, "good.png") == ("kept", "")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_a_png_colour_key_is_transparency_composited_on_white_and_a_mask_under_alpha(folder, mode):
+    """PNG's tRNS chunk marks one colour transparent in an RGB or greyscale image: PIL keeps it in `info`."""
+    keyed, kept = ((255, 0, 255), (0, 0, 200)) if mode == "RGB" else (7, 100)
+    image = Image.new(mode, (32, 32), kept)
+    image.paste(keyed, (0, 0, 16, 32))  # the left half in the keyed colour
+    image.save(folder / "keyed.png", transparency=keyed)
+    kind, what = outcome(folder, "keyed.png")
+    assert kind == "fixed" and "composited on white" in what
+    decoded = open_image(folder / "keyed.png")
+    assert decoded.getpixel((4, 16)) == (255, 255, 255)
+    assert decoded.getpixel((28, 16)) == (kept if mode == "RGB" else (kept,) * 3)
+    _, alpha = split_alpha(Image.open(folder / "keyed.png"))
+    assert alpha is not None and alpha.getpixel((4, 16)) == 0 and alpha.getpixel((28, 16)) == 255
