@@ -1,6 +1,6 @@
 """Validation prompts with settings of their own: `validation.prompts`, or a prompt library file
 (`validation.prompts_file`) as kohya sd-scripts reads it (one prompt per line with `--n`, `--w`, `--h`,
-`--d`, `--l`, `--s`) or as yaml / json records. Read when the config is checked, so a bad file fails
+`--d`, `--l`, `--s`, `--ss`) or as yaml / json records. Read when the config is checked, so a bad file fails
 before any model loads."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from finetune.config.errors import ConfigError
+from finetune.config.schema import Sampler
 
 # kohya's one-letter flags and the settings they set, with how to read their values.
 FLAGS: dict[str, tuple[str, type]] = {
@@ -23,7 +24,10 @@ FLAGS: dict[str, tuple[str, type]] = {
     "d": ("seed", int),
     "l": ("guidance_scale", float),
     "s": ("num_inference_steps", int),
+    "ss": ("sampler", str),
 }
+# kohya's names for the samplers we have (its others, e.g. heun or dpm_2, are refused by name).
+KOHYA_SAMPLERS = {"k_euler": Sampler.euler, "k_euler_a": Sampler.euler_a, "dpmsolver++": Sampler.dpmpp_2m}
 # A flag starts at " --<letters> " (or at the line's end); a prompt's own "--" elsewhere stays text.
 # Each setting's type; the prompts themselves are text.
 KINDS: dict[str, type] = dict(FLAGS.values())
@@ -42,13 +46,15 @@ class SamplePrompt:
     seed: int  # image i of the row uses seed + i
     guidance_scale: float
     num_inference_steps: int
+    sampler: str | None = None  # null: validation.scheduler
 
     def describe(self) -> str:
         """The prompt with its settings, for grid captions in the dashboard."""
         negative = f", not: {self.negative_prompt}" if self.negative_prompt else ""
+        sampler = f", {self.sampler}" if self.sampler else ""
         return (
             f"{self.prompt} [{self.width}x{self.height}, seed {self.seed}, guidance {self.guidance_scale:g}, "
-            f"{self.num_inference_steps} steps{negative}]"
+            f"{self.num_inference_steps} steps{sampler}{negative}]"
         )
 
 
@@ -143,4 +149,19 @@ def _checked(settings: dict[str, Any], defaults: SamplePrompt, where: str) -> Sa
             raise ConfigError(f"{key}: {name} {size} must be a positive multiple of {SIZE_STEP}")
     if prompt.num_inference_steps < 1 or prompt.guidance_scale < 0:
         raise ConfigError(f"{key}: steps must be at least 1 and guidance 0 or more")
+    if prompt.sampler is not None:
+        prompt = replace(prompt, sampler=sampler_name(prompt.sampler, key))
     return prompt
+
+
+def sampler_name(name: str, key: str) -> str:
+    """One of our samplers, by our name or kohya's (`k_euler`, `k_euler_a`, `dpmsolver++`)."""
+    name = name.strip().lower()
+    if name in KOHYA_SAMPLERS:
+        return KOHYA_SAMPLERS[name].value
+    if name not in {choice.value for choice in Sampler}:
+        ours = ", ".join(choice.value for choice in Sampler)
+        raise ConfigError(
+            f"{key}: sampler '{name}' is not one of {ours} (or kohya's k_euler, k_euler_a, dpmsolver++)"
+        )
+    return name

@@ -101,7 +101,10 @@ def generate_grid(
     skip, long captions); without it the pipeline encodes the prompts itself.
     """
     rows, samples, count = [], [], images_per_prompt
+    schedule = pipe.scheduler
     for number, sample in enumerate(prompts):
+        # A prompt's own sampler (a library's --ss) is made from the grid's, so it shares its schedule.
+        pipe.scheduler = sampler_from(schedule, sample.sampler) if sample.sampler else schedule
         generators = [torch.Generator(device="cpu").manual_seed(sample.seed + i) for i in range(count)]
         extra, row = {}, []
         if conditions:
@@ -124,6 +127,7 @@ def generate_grid(
         )
         samples.append(out.images.float().cpu())
         rows.append(torch.cat([*row, samples[-1]]))
+    pipe.scheduler = schedule
     return grid_of(rows, columns=count + (1 if conditions else 0)), samples
 
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+from diffusers import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, StableDiffusionPipeline
 
 from finetune.config.errors import ConfigError
 from finetune.validation.prompt_library import SamplePrompt, parse_prompt_line, sample_prompts
@@ -39,6 +39,11 @@ def test_kohya_flags_set_each_setting_and_the_rest_come_from_validation() -> Non
     assert parse_prompt_line("a -- b --s 4 --w 64", DEFAULTS) == SamplePrompt(
         "a -- b", "", 64, 512, 3, 7.5, 4
     )
+    # --ss: a sampler of ours, by our name or kohya's.
+    assert parse_prompt_line("a cat --ss euler_a", DEFAULTS).sampler == "euler_a"
+    assert parse_prompt_line("a cat --ss k_euler", DEFAULTS).sampler == "euler"
+    assert parse_prompt_line("a cat --ss DPMSolver++ --s 4", DEFAULTS).sampler == "dpmpp_2m"
+    assert parse_prompt_line("a cat", DEFAULTS).sampler is None  # validation.scheduler's
 
 
 @pytest.mark.parametrize(
@@ -48,6 +53,7 @@ def test_kohya_flags_set_each_setting_and_the_rest_come_from_validation() -> Non
         ("a cat --w 500", "line 1: width 500 must be a positive multiple of 8"),
         ("a cat --d seven", "line 1: seed 'seven' is not a int"),
         ("--w 512", "line 1: the prompt is empty"),
+        ("a cat --ss heun", "line 1: sampler 'heun' is not one of euler, euler_a, ddim, dpmpp_2m"),
     ],
 )
 def test_a_bad_line_is_one_line_naming_where(tmp_path: Path, line: str, message: str) -> None:
@@ -96,9 +102,26 @@ def test_each_row_is_drawn_at_the_size_seed_guidance_and_steps_its_prompt_asks_f
     prompts = [
         SamplePrompt("a red circle", "", 32, 32, 0, 7.5, 2),
         parse_prompt_line("a blue star --w 48 --h 32 --d 42 --l 1 --s 3", DEFAULTS),
+        parse_prompt_line("a red circle --d 0 --s 2 --w 32 --h 32 --ss k_euler_a", DEFAULTS),
     ]
     grid, samples = generate_grid(pipe, prompts, images_per_prompt=2)
-    assert [tuple(s.shape) for s in samples] == [(2, 3, 32, 32), (2, 3, 32, 48)]
+    assert [tuple(s.shape) for s in samples] == [(2, 3, 32, 32), (2, 3, 32, 48), (2, 3, 32, 32)]
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)  # the grid's sampler again afterwards
+    # The --ss row: the first row's prompt and settings, drawn by Euler ancestral instead of Euler.
+    assert not torch.allclose(samples[2], samples[0], atol=1e-3)
+    euler = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(euler.config)
+    ancestral = pipe(
+        ["a red circle"] * 2,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        generator=[torch.Generator("cpu").manual_seed(i) for i in range(2)],
+        output_type="pt",
+    ).images
+    pipe.scheduler = euler
+    torch.testing.assert_close(samples[2], ancestral)
     for i in range(2):  # image i of a row: seed + i
         alone = pipe(
             "a blue star",
@@ -110,6 +133,6 @@ def test_each_row_is_drawn_at_the_size_seed_guidance_and_steps_its_prompt_asks_f
             output_type="pt",
         ).images[0]
         torch.testing.assert_close(samples[1][i], alone)
-    # Tiles enlarged by one factor (128 // 48 = 2), the smaller ones centred on white: 2 rows of 2.
-    assert tuple(grid.shape) == (3, 2 * 64 + 3 * 2, 2 * 96 + 3 * 2)
+    # Tiles enlarged by one factor (128 // 48 = 2), the smaller ones centred on white: 3 rows of 2.
+    assert tuple(grid.shape) == (3, 3 * 64 + 4 * 2, 2 * 96 + 3 * 2)
     assert grid[:, 2, 2:18].eq(1).all()  # the 32-px row's tile sits 16 px in from the left edge
