@@ -10,12 +10,14 @@ It takes the same config as `finetune-train`, so what it reports is what trainin
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
+from finetune.config.command_line import expand_home_paths
 from finetune.config.errors import run_command
 from finetune.config.store import CONF_DIR, register_configs
 from finetune.training.checks import check_config
@@ -90,8 +92,13 @@ def load_tokenizer(model_cfg: Any) -> Any:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="data_tool")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_command(data_report, cfg)
+
+
+def main() -> None:
+    sys.argv[1:] = expand_home_paths(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig
 
+from finetune.config.command_line import expand_home_paths
 from finetune.config.errors import ConfigError, FinetuneError, run_command
 from finetune.config.files import save_png
 from finetune.config.store import CONF_DIR, register_configs
@@ -200,8 +202,13 @@ def generate(cfg: DictConfig) -> list[Path]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_command(generate, cfg)
+
+
+def main() -> None:
+    sys.argv[1:] = expand_home_paths(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from finetune.config.command_line import expand_home_paths
 from finetune.config.errors import ConfigError, run_command
 from finetune.config.files import atomic_dir
 from finetune.config.schema import ModelConfig
@@ -129,6 +130,7 @@ def main() -> None:
     """`finetune-lora <command> key=value …`: the command word becomes `command=<word>` for Hydra."""
     if len(sys.argv) > 1 and "=" not in sys.argv[1] and not sys.argv[1].startswith("-"):
         sys.argv[1] = f"command={sys.argv[1]}"
+    sys.argv[1:] = expand_home_paths(sys.argv[1:])
     _hydra_main()
 
 

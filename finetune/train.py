@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.config.command_line import expand_home_paths
 from finetune.config.errors import run_command
 from finetune.config.store import CONF_DIR, register_configs
 from finetune.training.checks import check_config
@@ -272,8 +274,13 @@ def _export_metadata(cfg: DictConfig, summary: dict, steps: int, num_images: int
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     run_command(train, cfg)
+
+
+def main() -> None:
+    sys.argv[1:] = expand_home_paths(sys.argv[1:])
+    _hydra_main()
 
 
 if __name__ == "__main__":
