@@ -1,4 +1,5 @@
-"""What the README offers composes: each command of its code blocks, and each `key=value` it names inline,
+"""What the README offers composes: each command of its code blocks (and of the configs' header
+comments), and each `key=value` it names inline,
 is a config the commands accept (keys that exist, group choices that exist, values of the right type or
 choice). Placeholders (`<folder>`, `…`, `N`) are checked for their key only."""
 
@@ -48,14 +49,19 @@ def composes(config: str, overrides: tuple[str, ...]) -> bool:
     return True
 
 
-def readme_commands() -> list[tuple[str, list[str]]]:
-    """(tool, its arguments) for each command line of the README's code blocks."""
-    found = []
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(tool, its arguments) for each command line of the README's code blocks and of the examples
+    in the configs' header comments (`#   finetune-train experiment=…`)."""
+    lines = []
     for body in re.findall(r"```\w*\n(.*?)```", README, re.S):
-        for line in body.replace("\\\n", " ").splitlines():
-            if line.split()[:1] and line.split()[0] in CONFIGS:
-                words = shlex.split(re.sub(r"<[^>]*>", "placeholder", line), comments=True)
-                found.append((words[0], expand_home_paths(words[1:])))  # as the commands read them
+        lines += body.replace("\\\n", " ").splitlines()
+    for config in sorted(CONF_DIR.rglob("*.yaml")):
+        lines += [line.lstrip("# ") for line in config.read_text(encoding="utf-8").splitlines()]
+    found = []
+    for line in lines:
+        if line.split()[:1] and line.split()[0] in CONFIGS:
+            words = shlex.split(re.sub(r"<[^>]*>", "placeholder", line), comments=True)
+            found.append((words[0], expand_home_paths(words[1:])))  # as the commands read them
     return found
 
 
@@ -91,8 +97,8 @@ def first_of_sweep(word: str) -> str:
     return f"{key}={value.split(',')[0]}" if "[" not in value else word
 
 
-@pytest.mark.parametrize("tool, words", readme_commands(), ids=lambda value: str(value)[:60])
-def test_each_readme_command_composes(tool: str, words: list[str]) -> None:
+@pytest.mark.parametrize("tool, words", documented_commands(), ids=lambda value: str(value)[:60])
+def test_each_documented_command_composes(tool: str, words: list[str]) -> None:
     if tool == "finetune-lora":
         words = [f"command={words[0]}", *words[1:]]
     if "-m" in words:
