@@ -157,11 +157,4 @@ def _checked(settings: dict[str, Any], defaults: SamplePrompt, where: str) -> Sa
 def sampler_name(name: str, key: str) -> str:
     """One of our samplers, by our name or kohya's (`k_euler`, `k_euler_a`, `dpmsolver++`)."""
     name = name.strip().lower()
-    if name in KOHYA_SAMPLERS:
-        return KOHYA_SAMPLERS[name].value
-    if name not in {choice.value for choice in Sampler}:
-        ours = ", ".join(choice.value for choice in Sampler)
-        raise ConfigError(
-            f"{key}: sampler '{name}' is not one of {ours} (or kohya's k_euler, k_euler_a, dpmsolver++)"
-        )
-    return name
+    return (KOHYA_SAMPLERS.get(name) or Sampler.of(name, f"{key}: sampler")).value

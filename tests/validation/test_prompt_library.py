@@ -53,7 +53,7 @@ def test_kohya_flags_set_each_setting_and_the_rest_come_from_validation() -> Non
         ("a cat --w 500", "line 1: width 500 must be a positive multiple of 8"),
         ("a cat --d seven", "line 1: seed 'seven' is not a int"),
         ("--w 512", "line 1: the prompt is empty"),
-        ("a cat --ss heun", "line 1: sampler 'heun' is not one of euler, euler_a, ddim, dpmpp_2m"),
+        ("a cat --ss heun", "line 1: sampler: 'heun' is not one of euler, euler_a, ddim, dpmpp_2m"),
     ],
 )
 def test_a_bad_line_is_one_line_naming_where(tmp_path: Path, line: str, message: str) -> None:
